@@ -1,0 +1,247 @@
+"""The ``v2flow`` command.
+
+* ``v2flow fit|validate|test --config configs/mnist.yaml``: the Lightning CLI (YAML configs with OmegaConf
+  interpolation, ``--print_config``, ``--ckpt_path`` to resume).
+* ``v2flow export``: a Lightning checkpoint -> a pretrained directory (config.json + model.safetensors).
+* ``v2flow encode``: image files -> token ids (JSON or .pt, with the LLM token strings beside them).
+* ``v2flow decode``: token ids -> PNG images.
+* ``v2flow reconstruct``: image files -> ids -> images, plus a comparison grid and PSNR/SSIM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TOOL_COMMANDS = ("export", "encode", "decode", "reconstruct")
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True):
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from .training import V2FlowModule
+
+    return LightningCLI(
+        V2FlowModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def _decode_options(p: argparse.ArgumentParser) -> None:
+    from .sampling import SOLVERS
+
+    p.add_argument("--num-steps", type=int, default=None, help="ODE steps per iteration (default: the checkpoint's)")
+    p.add_argument("--solver", choices=SOLVERS, default=None)
+    p.add_argument("--num-iters", type=int, default=None, help="mask-schedule iterations")
+    p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--shift", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+
+def _decode_kwargs(a: argparse.Namespace, device: str):
+    import torch
+
+    return {
+        "num_steps": a.num_steps,
+        "solver": a.solver,
+        "num_iters": a.num_iters,
+        "cfg_scale": a.cfg_scale,
+        "shift": a.shift,
+        "generator": torch.Generator(device=device).manual_seed(a.seed),
+    }
+
+
+def _image_files(inputs: list[str]) -> list[Path]:
+    from .data import IMAGE_SUFFIXES, list_images
+
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(list_images(path))
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"{path} does not look like an image file ({', '.join(IMAGE_SUFFIXES)})")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input {path} does not exist")
+    return files
+
+
+def _load_images(files: list[Path], tokenizer, resize: bool):
+    import torch
+
+    from .data import load_image
+
+    cfg = tokenizer.config
+    images = [load_image(f, cfg["in_channels"], cfg["image_size"] if resize else None) for f in files]
+    for f, im in zip(files, images):
+        if im.shape[-2:] != (cfg["image_size"],) * 2:
+            raise ValueError(
+                f"{f} is {im.shape[-1]}x{im.shape[-2]} but the tokenizer expects {cfg['image_size']}x{cfg['image_size']}; "
+                "pass --resize to resize and centre-crop"
+            )
+    return torch.stack(images)
+
+
+def tool_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="v2flow", description="v2flow tokenizer tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="Lightning checkpoint -> pretrained directory")
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override sample_* decode defaults")
+
+    p = sub.add_parser("encode", help="image files -> token ids")
+    p.add_argument("tokenizer", help="pretrained tokenizer directory")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, help="output .json or .pt")
+    p.add_argument("--resize", action="store_true", help="resize and centre-crop images to the tokenizer's size")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("decode", help="token ids -> images")
+    p.add_argument("tokenizer")
+    p.add_argument("ids", help=".json or .pt written by `v2flow encode` (or a (B, N) list / tensor)")
+    p.add_argument("-o", "--output", required=True, help="output folder for PNG files")
+    _decode_options(p)
+
+    p = sub.add_parser("reconstruct", help="image files -> ids -> images, with a comparison grid")
+    p.add_argument("tokenizer")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--resize", action="store_true")
+    _decode_options(p)
+
+    a = parser.parse_args(argv)
+    return {"export": _export, "encode": _encode, "decode": _decode, "reconstruct": _reconstruct}[a.command](a)
+
+
+def _export(a: argparse.Namespace) -> int:
+    from .training import tokenizer_from_checkpoint
+
+    out = Path(a.output)
+    if out.exists() and not a.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    tokenizer = tokenizer_from_checkpoint(a.checkpoint)
+    for item in a.set:
+        key, _, value = item.partition("=")
+        if not key.startswith("sample_") or key not in tokenizer.config:
+            raise ValueError(f"--set accepts the decode defaults only: {[k for k in tokenizer.config if k.startswith('sample_')]}")
+        tokenizer.config[key] = type(tokenizer.config[key])(value)
+    tokenizer.save_pretrained(out)
+    print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
+    return 0
+
+
+def _write_ids(path: Path, payload: dict) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".pt":
+        torch.save(payload, tmp)
+    elif path.suffix == ".json":
+        tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
+    else:
+        raise ValueError(f"output must end in .json or .pt, got {path}")
+    tmp.replace(path)
+
+
+def _read_ids(path: Path):
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"ids file {path} does not exist")
+    if path.suffix == ".pt":
+        data = torch.load(path, weights_only=True)
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        raise ValueError(f"ids file must end in .json or .pt, got {path}")
+    ids = data["ids"] if isinstance(data, dict) else data
+    names = data.get("files") if isinstance(data, dict) else None
+    ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)
+    return ids, names
+
+
+def _encode(a: argparse.Namespace) -> int:
+    from .tokenizer import V2FlowTokenizer
+
+    tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
+    files = _image_files(a.inputs)
+    images = _load_images(files, tokenizer, a.resize).to(a.device)
+    ids = tokenizer.encode(images).ids.cpu()
+    payload = {"files": [str(f) for f in files], "llm": tokenizer.vocabulary.llm_name}
+    out = Path(a.output)
+    payload["ids"] = ids if out.suffix == ".pt" else ids.tolist()
+    if tokenizer.config["quantizer"] == "vocab" and tokenizer.vocabulary.token_strings is not None:
+        payload["tokens"] = tokenizer.token_strings(ids)
+    _write_ids(out, payload)
+    print(json.dumps({"images": len(files), "tokens_per_image": ids.shape[1], "output": str(out)}))
+    return 0
+
+
+def _decode(a: argparse.Namespace) -> int:
+    from .tokenizer import V2FlowTokenizer
+    from .utils import save_image
+
+    tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
+    ids, names = _read_ids(Path(a.ids))
+    images = tokenizer.decode(ids.to(a.device), **_decode_kwargs(a, a.device)).images
+    out = Path(a.output)
+    for i, image in enumerate(images):
+        stem = Path(names[i]).stem if names else f"{i:05d}"
+        save_image(image, out / f"{stem}.png")
+    print(json.dumps({"images": len(images), "output": str(out)}))
+    return 0
+
+
+def _reconstruct(a: argparse.Namespace) -> int:
+    from .metrics import psnr_ssim
+    from .tokenizer import V2FlowTokenizer
+    from .utils import save_image, save_image_grid
+
+    tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
+    files = _image_files(a.inputs)
+    images = _load_images(files, tokenizer, a.resize).to(a.device)
+    out = tokenizer.reconstruct(images, **_decode_kwargs(a, a.device))
+    folder = Path(a.output)
+    for f, image in zip(files, out.images):
+        save_image(image, folder / f"{f.stem}_recon.png")
+    nrow = min(len(files), 16)
+    rows = [t for start in range(0, len(files), nrow) for t in (images[start : start + nrow], out.images[start : start + nrow])]
+    import torch
+
+    save_image_grid(torch.cat(rows), folder / "comparison.png", nrow=nrow)
+    metrics = psnr_ssim(out.images, images)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print(json.dumps({"images": len(files), **metrics, "grid": str(folder / "comparison.png")}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOL_COMMANDS:
+        try:
+            return tool_main(argv)
+        except (ValueError, FileNotFoundError, FileExistsError) as err:
+            print(f"v2flow {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
+    lightning_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

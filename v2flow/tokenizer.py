@@ -1,0 +1,572 @@
+"""V2FlowTokenizer: images <-> short 1-D sequences of tokens that are ids of a chosen LLM's vocabulary.
+
+Composes the parts (first stage, query encoder, vocabulary resampler, masked transformer, velocity head)
+and offers the public verbs ``encode``, ``decode``, ``reconstruct``, ``loss``, ``save_pretrained`` and
+``from_pretrained``. The tokenizer rebuilds from its ``config.json`` alone; weights, including the frozen
+vocabulary rows and their LLM token ids, are in ``model.safetensors``; ``vocab.json`` names the LLM and holds
+the token strings, so a trained tokenizer loads without the LLM present.
+
+Images are (B, C, H, W) floats in [-1, 1]. Nothing is resized or clipped silently.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .encoder import QueryEncoder
+from .first_stage import build_first_stage
+from .layers import patchify, unpatchify
+from .masked_transformer import MaskedTransformer
+from .resampler import VocabularyResampler, perplexity
+from .sampling import SOLVERS, masked_flow_sample
+from .velocity import VelocityHead, flow_matching_loss
+from .vocab import LLMVocabulary
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+VOCAB_NAME = "vocab.json"
+RANGE_TOLERANCE = 1e-3
+
+
+@dataclass
+class EncodeOutput:
+    """ids (B, N): LLM token ids (``quantizer="vocab"``) or codebook indices (``"vq"``);
+    indices (B, N): row indices into the vocabulary subset / codebook;
+    soft_embeddings (B, N, d_llm): p @ E, points in the LLM's embedding space;
+    probs (B, N, K) when asked for."""
+
+    ids: torch.Tensor
+    indices: torch.Tensor
+    soft_embeddings: torch.Tensor
+    probs: torch.Tensor | None = None
+
+
+@dataclass
+class DecodeOutput:
+    """images (B, C, H, W) in [-1, 1]."""
+
+    images: torch.Tensor
+
+
+@dataclass
+class ReconstructOutput:
+    """images (B, C, H, W) in [-1, 1]; ids (B, N) the tokens they were decoded from."""
+
+    images: torch.Tensor
+    ids: torch.Tensor
+
+
+@dataclass
+class LossOutput:
+    """loss: the scalar to minimise; parts: named (weighted) terms; indices (B, N) the tokens drawn."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    indices: torch.Tensor
+
+
+def _randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+class V2FlowTokenizer(nn.Module):
+    """Discrete visual tokenizer whose tokens live in an LLM's vocabulary, with a rectified-flow decoder.
+
+    Every argument is a ``config.json`` / YAML key.
+
+    Args:
+        image_size: height = width of the images (a multiple of ``patch_size``).
+        in_channels: image channels (1 for MNIST, 3 for RGB).
+        patch_size: side of the square patches the encoder and decoder work on.
+        first_stage: ``"pixels"``.
+        num_tokens: N, tokens per image (independent of the image size).
+        encoder_dim, encoder_depth, encoder_heads: the query encoder (ViT).
+        vocab_source: where training loads the LLM vocabulary from (see :class:`LLMVocabulary.load`).
+        vocab_selection: how the subset is chosen (``"fps"`` or ``"first"``).
+        num_entries: K, vocabulary rows kept.
+        llm_dim: width of the LLM's embedding table.
+        quantizer: ``"vocab"`` (ids are LLM token ids) or ``"vq"`` (V2Flow's cosine codebook).
+        estimator, code_dim, temperature, gumbel, sample_entropy_weight, batch_entropy_weight, codebook_size, commitment_weight:
+            see :class:`VocabularyResampler`.
+        decoder_dim, decoder_encoder_depth, decoder_depth, decoder_heads, cond_drop_prob: the masked transformer.
+        mask_ratio_min, mask_ratio_max, mask_ratio_std: training mask ratio ~ truncated normal with mean
+            ``mask_ratio_max`` and this std, cut to [min, max] (MAR's choice).
+        head_width, head_depth: the velocity MLP.
+        batch_mul: noise draws per masked patch in the flow loss.
+        time_sampling, time_mean, time_std, time_shift: training time distribution (see ``sample_time``).
+        aux_weight: weight of the auxiliary loss that makes each patch condition predict its patch.
+        sample_steps, sample_solver, sample_iters, sample_cfg, sample_shift: default decode settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 32,
+        in_channels: int = 1,
+        patch_size: int = 4,
+        first_stage: str = "pixels",
+        num_tokens: int = 32,
+        encoder_dim: int = 192,
+        encoder_depth: int = 4,
+        encoder_heads: int = 4,
+        vocab_source: str = "smollm2",
+        vocab_selection: str = "fps",
+        num_entries: int = 4096,
+        llm_dim: int = 576,
+        quantizer: str = "vocab",
+        estimator: str = "projected",
+        code_dim: int = 64,
+        temperature: float = 0.1,
+        gumbel: bool = False,
+        sample_entropy_weight: float = 0.1,
+        batch_entropy_weight: float = 0.1,
+        codebook_size: int = 4096,
+        commitment_weight: float = 0.25,
+        decoder_dim: int = 192,
+        decoder_encoder_depth: int = 2,
+        decoder_depth: int = 2,
+        decoder_heads: int = 4,
+        cond_drop_prob: float = 0.1,
+        mask_ratio_min: float = 0.7,
+        mask_ratio_max: float = 1.0,
+        mask_ratio_std: float = 0.25,
+        head_width: int = 256,
+        head_depth: int = 3,
+        batch_mul: int = 4,
+        time_sampling: str = "logit_normal",
+        time_mean: float = 0.0,
+        time_std: float = 1.0,
+        time_shift: float = 1.0,
+        aux_weight: float = 1.0,
+        sample_steps: int = 8,
+        sample_solver: str = "euler",
+        sample_iters: int = 1,
+        sample_cfg: float = 1.0,
+        sample_shift: float = 1.0,
+    ) -> None:
+        super().__init__()
+        frame = inspect.currentframe()
+        self.config = {k: v for k, v in inspect.getargvalues(frame).locals.items() if k in _config_keys()}
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of patch_size {patch_size}; "
+                f"choose image_size = k * {patch_size}"
+            )
+        if not 0.0 < mask_ratio_min <= mask_ratio_max <= 1.0:
+            raise ValueError(f"need 0 < mask_ratio_min <= mask_ratio_max <= 1, got {mask_ratio_min}, {mask_ratio_max}")
+        if sample_solver not in SOLVERS:
+            raise ValueError(f"unknown sample_solver {sample_solver!r}; choose one of {SOLVERS}")
+        if batch_mul < 1:
+            raise ValueError(f"batch_mul must be >= 1, got {batch_mul}")
+        self.first_stage = build_first_stage(first_stage, in_channels=in_channels, image_size=image_size)
+        latent_size, latent_channels = self.first_stage.latent_size, self.first_stage.latent_channels
+        if latent_size % patch_size:
+            raise ValueError(f"latent size {latent_size} is not a multiple of patch_size {patch_size}")
+        self.num_patches = (latent_size // patch_size) ** 2
+        self.patch_dim = latent_channels * patch_size**2
+        self.encoder = QueryEncoder(
+            num_patches=self.num_patches,
+            patch_dim=self.patch_dim,
+            num_tokens=num_tokens,
+            hidden_dim=encoder_dim,
+            depth=encoder_depth,
+            num_heads=encoder_heads,
+        )
+        self.resampler = VocabularyResampler(
+            input_dim=encoder_dim,
+            num_entries=num_entries,
+            llm_dim=llm_dim,
+            quantizer=quantizer,
+            estimator=estimator,
+            code_dim=code_dim,
+            temperature=temperature,
+            gumbel=gumbel,
+            sample_entropy_weight=sample_entropy_weight,
+            batch_entropy_weight=batch_entropy_weight,
+            codebook_size=codebook_size,
+            commitment_weight=commitment_weight,
+        )
+        self.decoder = MaskedTransformer(
+            num_patches=self.num_patches,
+            patch_dim=self.patch_dim,
+            num_tokens=num_tokens,
+            token_dim=self.resampler.embed_dim,
+            hidden_dim=decoder_dim,
+            encoder_depth=decoder_encoder_depth,
+            decoder_depth=decoder_depth,
+            num_heads=decoder_heads,
+            cond_drop_prob=cond_drop_prob,
+        )
+        self.head = VelocityHead(patch_dim=self.patch_dim, cond_dim=decoder_dim, width=head_width, depth=head_depth)
+        self.patch_predictor = nn.Linear(decoder_dim, self.patch_dim)  # auxiliary: condition -> its patch
+
+    # ------------------------------------------------------------------ vocabulary
+
+    @property
+    def vocabulary(self) -> LLMVocabulary:
+        return self.resampler.vocabulary
+
+    def set_vocabulary(self, vocabulary: LLMVocabulary) -> None:
+        """Install the frozen rows of an LLM vocabulary (shapes must match ``num_entries`` x ``llm_dim``)."""
+        expected = (self.config["num_entries"], self.config["llm_dim"])
+        if tuple(vocabulary.embeddings.shape) != expected:
+            raise ValueError(
+                f"vocabulary of {vocabulary.llm_name!r} is {tuple(vocabulary.embeddings.shape)} but the tokenizer "
+                f"expects num_entries x llm_dim = {expected}; set num_entries/llm_dim to match the LLM"
+            )
+        device = self.vocabulary.embeddings.device
+        self.resampler.vocabulary = vocabulary.to(device)
+
+    def token_strings(self, ids: torch.Tensor) -> list:
+        """LLM token strings of ids (B, N) (``quantizer="vocab"`` only)."""
+        if self.config["quantizer"] != "vocab":
+            raise ValueError("token strings exist only for quantizer='vocab'; vq ids are codebook indices")
+        self._ids_to_indices(ids)  # validates
+        return self.vocabulary.strings(ids)
+
+    # ------------------------------------------------------------------ input checks
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise a ValueError naming the problem unless images are (B, C, H, W) floats in [-1, 1]."""
+        c, s = self.config["in_channels"], self.config["image_size"]
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor (B, {c}, {s}, {s}), got {type(images).__name__}")
+        if images.ndim != 4:
+            hint = " add a batch axis with images[None]" if images.ndim == 3 else ""
+            raise ValueError(f"images must have 4 axes (B, C, H, W), got shape {tuple(images.shape)};{hint}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}; use x.float() / 127.5 - 1")
+        if images.shape[1] != c:
+            raise ValueError(f"images have {images.shape[1]} channels but this tokenizer expects {c}")
+        if images.shape[-2:] != (s, s):
+            raise ValueError(
+                f"images are {images.shape[-2]}x{images.shape[-1]} but this tokenizer expects {s}x{s}; "
+                "resize or crop them first (v2flow.data.load_image does it on request)"
+            )
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or inf values")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+            raise ValueError(
+                f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                "map [0, 1] images with x * 2 - 1 and [0, 255] images with x / 127.5 - 1"
+            )
+
+    def _ids_to_indices(self, ids: torch.Tensor) -> torch.Tensor:
+        n = self.config["num_tokens"]
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be an integer tensor (B, {n}), got {getattr(ids, 'dtype', type(ids))}")
+        if ids.ndim != 2 or ids.shape[1] != n:
+            raise ValueError(f"ids must have shape (B, {n}), got {tuple(ids.shape)}")
+        ids = ids.long().to(self.vocabulary.token_ids.device)
+        if self.config["quantizer"] == "vq":
+            k = self.resampler.num_codes
+            bad = (ids < 0) | (ids >= k)
+            if bad.any():
+                raise ValueError(f"ids {ids[bad].unique()[:8].tolist()} are outside the codebook [0, {k})")
+            return ids
+        size = self.vocabulary.llm_vocab_size
+        outside = (ids < 0) | (ids >= size)
+        if outside.any():
+            raise ValueError(
+                f"ids {ids[outside].unique()[:8].tolist()} are not token ids of {self.vocabulary.llm_name!r} "
+                f"(vocabulary size {size})"
+            )
+        lookup = torch.full((size,), -1, dtype=torch.long, device=ids.device)
+        lookup[self.vocabulary.token_ids] = torch.arange(self.vocabulary.num_entries, device=ids.device)
+        indices = lookup[ids]
+        missing = indices < 0
+        if missing.any():
+            raise ValueError(
+                f"ids {ids[missing].unique()[:8].tolist()} are tokens of {self.vocabulary.llm_name!r} but not in "
+                f"this tokenizer's {self.vocabulary.num_entries}-entry visual vocabulary; "
+                "use ids produced by encode() (see tokenizer.vocabulary.token_ids)"
+            )
+        return indices
+
+    def _indices_to_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.config["quantizer"] == "vq":
+            return indices
+        return self.vocabulary.token_ids[indices]
+
+    # ------------------------------------------------------------------ model pieces
+
+    def _patches(self, images: torch.Tensor) -> torch.Tensor:
+        return patchify(self.first_stage.encode(images), self.config["patch_size"])  # (B, L, P)
+
+    def _images(self, patches: torch.Tensor) -> torch.Tensor:
+        size = self.first_stage.latent_size
+        return self.first_stage.decode(unpatchify(patches, self.config["patch_size"], size, size))
+
+    def sample_mask(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, L) bool training mask: one ratio per batch from a truncated normal, random positions per sample."""
+        lo, hi, std = self.config["mask_ratio_min"], self.config["mask_ratio_max"], self.config["mask_ratio_std"]
+        normal = torch.distributions.Normal(0.0, 1.0)
+        a, b = normal.cdf(torch.tensor((lo - hi) / std)), torch.tensor(0.5)
+        u = a + (b - a) * _rand((), generator, "cpu")
+        ratio = float((hi + std * torch.special.ndtri(u)).clamp(lo, hi))
+        num_masked = min(max(round(ratio * self.num_patches), 1), self.num_patches)
+        order = _rand((batch_size, self.num_patches), generator, device).argsort(dim=1)
+        return order < num_masked
+
+    # ------------------------------------------------------------------ training objective
+
+    def loss(self, images: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
+        """Training loss on a batch of images (B, C, H, W): flow matching on masked patches plus regularisers."""
+        self.check_images(images)
+        patches = self._patches(images)  # (B, L, P)
+        out = self.resampler(self.encoder(patches), generator)
+        b = images.shape[0]
+        mask = self.sample_mask(b, images.device, generator)
+        drop = _rand((b,), generator, images.device) < self.config["cond_drop_prob"]
+        cond = self.decoder(out.embeddings, patches, mask, drop if self.training else None)  # (B, L, D)
+        x0, c = patches[mask], cond[mask]  # (M, P), (M, D)
+        parts = {"flow": self._flow_loss(x0, c, generator)}
+        if self.config["aux_weight"] > 0:
+            keep = (mask & ~drop[:, None]) if self.training else mask
+            pred = self.patch_predictor(cond[keep])
+            parts["aux"] = self.config["aux_weight"] * F.mse_loss(pred, patches[keep])
+        parts.update(out.losses)
+        return LossOutput(sum(parts.values()), parts, out.indices)
+
+    def _flow_loss(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        cfg = self.config
+        return flow_matching_loss(
+            self.head,
+            x0,
+            cond,
+            batch_mul=cfg["batch_mul"],
+            time_sampling=cfg["time_sampling"],
+            time_mean=cfg["time_mean"],
+            time_std=cfg["time_std"],
+            time_shift=cfg["time_shift"],
+            generator=generator,
+        )
+
+    @torch.no_grad()
+    def token_usefulness(self, images: torch.Tensor, seed: int = 0) -> dict[str, float]:
+        """How much the decoder relies on the tokens: the flow loss (all patches masked, as at decoding) with the
+        true tokens and with tokens shuffled across the batch, under identical noise and times."""
+        self.check_images(images)
+        patches = self._patches(images)
+        indices = self.resampler(self.encoder(patches)).indices
+        mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=images.device)
+        result = {}
+        shuffled = indices.roll(1, dims=0)
+        for name, idx in (("true", indices), ("shuffled", shuffled)):
+            cond = self.decoder(self.resampler.embed(idx), patches, mask)
+            generator = torch.Generator(device=images.device).manual_seed(seed)
+            result[f"flow_loss_{name}"] = float(self._flow_loss(patches[mask], cond[mask], generator))
+        result["shuffle_gap"] = result["flow_loss_shuffled"] / max(result["flow_loss_true"], 1e-12) - 1.0
+        return result
+
+    # ------------------------------------------------------------------ public verbs
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, return_probs: bool = False) -> EncodeOutput:
+        """Images (B, C, H, W) in [-1, 1] -> tokens. Deterministic (argmax; no noise at inference).
+
+        Returns:
+            :class:`EncodeOutput` with ids (B, N), indices (B, N), soft_embeddings (B, N, d_llm), probs (B, N, K).
+        """
+        self.check_images(images)
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.resampler(self.encoder(self._patches(images)))
+        finally:
+            self.train(was_training)
+        return EncodeOutput(
+            ids=self._indices_to_ids(out.indices),
+            indices=out.indices,
+            soft_embeddings=out.soft_embeddings,
+            probs=out.probs if return_probs else None,
+        )
+
+    @torch.no_grad()
+    def decode(
+        self,
+        ids: torch.Tensor,
+        *,
+        num_steps: int | None = None,
+        solver: str | None = None,
+        num_iters: int | None = None,
+        cfg_scale: float | None = None,
+        shift: float | None = None,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        generator: torch.Generator | None = None,
+    ) -> DecodeOutput:
+        """Token ids (B, N) -> images (B, C, H, W) in [-1, 1], by integrating the flow ODE over `num_iters`
+        mask-schedule iterations. Settings left as None take the config's ``sample_*`` defaults.
+
+        Args:
+            ids: (B, N) LLM token ids (or codebook indices for vq), as returned by :meth:`encode`.
+            num_steps: ODE steps per iteration (fixed-grid solvers and the scheduler).
+            solver: ``euler``, ``midpoint``, ``rk4``, ``dopri5`` or ``flow_match_euler``.
+            num_iters: mask-schedule iterations (1 = all patches at once).
+            cfg_scale: classifier-free guidance scale (1 = none).
+            shift: timestep shift of the grid.
+            rtol, atol: tolerances of ``dopri5``.
+            generator: for reproducible noise and reveal order.
+        """
+        cfg = self.config
+        num_steps = cfg["sample_steps"] if num_steps is None else num_steps
+        solver = cfg["sample_solver"] if solver is None else solver
+        num_iters = cfg["sample_iters"] if num_iters is None else num_iters
+        cfg_scale = cfg["sample_cfg"] if cfg_scale is None else cfg_scale
+        shift = cfg["sample_shift"] if shift is None else shift
+        indices = self._ids_to_indices(ids)
+        device = self.vocabulary.embeddings.device
+        embeddings = self.resampler.embed(indices)  # (B, N, d)
+        b = ids.shape[0]
+        was_training = self.training
+        self.eval()
+
+        def conditions(patches: torch.Tensor, mask: torch.Tensor):
+            if cfg_scale == 1.0:
+                return self.decoder(embeddings, patches, mask), None
+            drop = torch.arange(2 * b, device=device) >= b
+            both = self.decoder(embeddings.repeat(2, 1, 1), patches.repeat(2, 1, 1), mask.repeat(2, 1), drop)
+            return both[:b], both[b:]
+
+        try:
+            patches = masked_flow_sample(
+                conditions,
+                self.head,
+                batch_size=b,
+                num_patches=self.num_patches,
+                patch_dim=self.patch_dim,
+                num_steps=num_steps,
+                num_iters=num_iters,
+                solver=solver,
+                cfg_scale=cfg_scale,
+                shift=shift,
+                rtol=rtol,
+                atol=atol,
+                generator=generator,
+                device=device,
+            )
+        finally:
+            self.train(was_training)
+        return DecodeOutput(images=self._images(patches).clamp(-1, 1))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, **decode_kwargs) -> ReconstructOutput:
+        """encode then decode; `decode_kwargs` go to :meth:`decode`."""
+        ids = self.encode(images).ids
+        return ReconstructOutput(images=self.decode(ids, **decode_kwargs).images, ids=ids)
+
+    @torch.no_grad()
+    def usage(self, indices: torch.Tensor) -> dict[str, float]:
+        """Vocabulary usage of entry indices (any shape): distinct entries, perplexity, bits per image."""
+        counts = torch.bincount(indices.flatten().cpu(), minlength=self.resampler.num_codes)
+        import math
+
+        return {
+            "distinct_ids": int((counts > 0).sum()),
+            "perplexity": perplexity(counts),
+            "bits_per_image": self.config["num_tokens"] * math.log2(self.resampler.num_codes),
+        }
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``vocab.json`` to `path`, atomically: the files go to a
+        temporary sibling directory first, which then replaces `path` in one rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        config = {"_class_name": type(self).__name__, **self.config}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        vocab = {
+            "llm_name": self.vocabulary.llm_name,
+            "llm_vocab_size": self.vocabulary.llm_vocab_size,
+            "token_ids": self.vocabulary.token_ids.tolist(),
+            "token_strings": self.vocabulary.token_strings,
+        }
+        (tmp / VOCAB_NAME).write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+        return path
+
+    @classmethod
+    def from_config(cls, config: dict) -> V2FlowTokenizer:
+        """Build an untrained tokenizer from a config dict; unknown keys raise."""
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(config) - set(_config_keys()))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(_config_keys())}")
+        return cls(**config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> V2FlowTokenizer:
+        """Load a tokenizer written by :meth:`save_pretrained` (a local directory or a Hugging Face hub id)."""
+        directory = Path(path)
+        if not directory.is_dir():
+            if str(path).startswith((".", "/", "~")) or directory.suffix:
+                raise FileNotFoundError(f"no pretrained tokenizer directory at {path}")
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(path)))
+        for name in (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME):
+            if not (directory / name).exists():
+                raise FileNotFoundError(
+                    f"{directory} has no {name}; a pretrained tokenizer directory holds "
+                    f"{CONFIG_NAME}, {WEIGHTS_NAME} and {VOCAB_NAME} (write one with save_pretrained or `v2flow export`)"
+                )
+        try:
+            config = json.loads((directory / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
+        model = cls.from_config(config)
+        vocab = json.loads((directory / VOCAB_NAME).read_text())
+        state = load_file(directory / WEIGHTS_NAME)
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{directory / WEIGHTS_NAME} does not match its config: missing {missing}, unexpected {unexpected}")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(f"{WEIGHTS_NAME}: {key} has shape {tuple(value.shape)}, config expects {tuple(expected[key].shape)}")
+        model.set_vocabulary(
+            LLMVocabulary(
+                state["resampler.vocabulary.embeddings"],
+                state["resampler.vocabulary.token_ids"],
+                vocab["llm_name"],
+                vocab["llm_vocab_size"],
+                vocab.get("token_strings"),
+            )
+        )
+        model.load_state_dict(state)
+        return model.to(map_location).eval()
+
+
+def _config_keys() -> list[str]:
+    return [p for p in inspect.signature(V2FlowTokenizer.__init__).parameters if p != "self"]

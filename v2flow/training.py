@@ -1,0 +1,252 @@
+"""Lightning training of a V2FlowTokenizer: the LightningModule and the EMA callback.
+
+The module holds training logic only: the objective is ``tokenizer.loss``; this file adds the optimiser
+schedule, temperature annealing, logging of the named loss parts and of vocabulary usage, and validation
+reconstructions (PSNR/SSIM with torchmetrics, a PNG grid per validation).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from .resampler import perplexity
+from .tokenizer import V2FlowTokenizer
+from .utils import save_image_grid
+from .vocab import LLMVocabulary
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the weights (Lightning's WeightAveraging).
+
+    Floating-point parameters and buffers are averaged with `decay`; integer buffers (the vocabulary's LLM
+    token ids) are copied, never averaged. Validation runs on the averaged weights, and checkpoints store
+    them as ``state_dict`` (the raw weights go to ``current_model_state``, so resuming is exact).
+    """
+
+    def __init__(self, decay: float = 0.999, update_starting_at_step: int = 0) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.update_starting_at_step = update_starting_at_step
+        super().__init__(use_buffers=True, avg_fn=self._average)
+
+    def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        if averaged.is_floating_point():
+            return torch.lerp(averaged, current, 1.0 - self.decay)
+        return current
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx >= self.update_starting_at_step
+
+
+class V2FlowModule(L.LightningModule):
+    """Trains a :class:`V2FlowTokenizer`.
+
+    Args:
+        tokenizer: the model (built by the CLI from ``class_path``/``init_args``).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases, norms, embeddings and queries).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps.
+        min_lr_ratio: the cosine decay ends at ``lr * min_lr_ratio``.
+        temperature_end: if set, the resampler's softmax temperature is annealed geometrically from its
+            config value to this over ``temperature_anneal_steps``.
+        temperature_anneal_steps: length of the anneal.
+        val_num_steps, val_solver, val_num_iters: decode settings for validation reconstructions.
+        val_recon_batches: validation batches that are reconstructed (PSNR/SSIM); the rest only give losses
+            and vocabulary usage.
+        grid_size: digits in the validation PNG grid.
+        seed: seed of the per-step generator (noise, masks, times), so runs are reproducible.
+    """
+
+    def __init__(
+        self,
+        tokenizer: V2FlowTokenizer,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 200,
+        min_lr_ratio: float = 0.05,
+        temperature_end: float | None = None,
+        temperature_anneal_steps: int = 0,
+        val_num_steps: int = 8,
+        val_solver: str = "euler",
+        val_num_iters: int = 1,
+        val_recon_batches: int = 2,
+        grid_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.hparams["tokenizer_config"] = dict(tokenizer.config)
+        self.tokenizer = tokenizer
+        if tokenizer.vocabulary.llm_name == "":
+            # the frozen rows must be in place before callbacks (EMA) copy the module
+            cfg = tokenizer.config
+            tokenizer.set_vocabulary(LLMVocabulary.load(cfg["vocab_source"], cfg["num_entries"], cfg["vocab_selection"]))
+        self.psnr = PeakSignalNoiseRatio(data_range=2.0)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        self.register_buffer("_val_counts", torch.zeros(tokenizer.resampler.num_codes, dtype=torch.long), persistent=False)
+
+    # ------------------------------------------------------------------ steps
+
+    def _generator(self) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank)
+        return g
+
+    def _anneal_temperature(self) -> None:
+        end, steps = self.hparams.temperature_end, self.hparams.temperature_anneal_steps
+        if end is None or steps <= 0:
+            return
+        start = self.tokenizer.config["temperature"]
+        frac = min(self.global_step / steps, 1.0)
+        self.tokenizer.resampler.temperature = start * (end / start) ** frac
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        out = self.tokenizer.loss(images, generator=self._generator() if stage == "train" else None)
+        log = {f"{stage}/{k}": v.detach() for k, v in out.parts.items()}
+        log[f"{stage}/loss"] = out.loss.detach()
+        self.log_dict(log, prog_bar=False, sync_dist=stage != "train", batch_size=images.shape[0])
+        self.log(f"{stage}_loss", out.loss.detach(), prog_bar=True, sync_dist=stage != "train", batch_size=images.shape[0])
+        return out.loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        self._anneal_temperature()
+        loss = self._step(batch, "train")
+        if batch_idx % 50 == 0:
+            self.log("train/temperature", self.tokenizer.resampler.temperature)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_counts.zero_()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._val_counts.zero_()
+
+    def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        self._step(batch, stage)
+        ids = self.tokenizer.encode(images)
+        self._val_counts += torch.bincount(ids.indices.flatten(), minlength=self._val_counts.numel())
+        if batch_idx >= self.hparams.val_recon_batches:
+            return
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        recon = self.tokenizer.decode(
+            ids.ids,
+            num_steps=self.hparams.val_num_steps,
+            solver=self.hparams.val_solver,
+            num_iters=self.hparams.val_num_iters,
+            generator=generator,
+        ).images
+        self.psnr.update(recon, images)
+        self.ssim.update(recon, images)
+        if batch_idx == 0:
+            useful = self.tokenizer.token_usefulness(images[: max(2, min(len(images), 128))])
+            self.log(f"{stage}/shuffle_gap", useful["shuffle_gap"], sync_dist=True)
+            if self.trainer.is_global_zero:
+                self._write_grid(images, recon, stage)
+
+    def _write_grid(self, images: torch.Tensor, recon: torch.Tensor, stage: str) -> None:
+        n = min(self.hparams.grid_size, len(images))
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+        save_image_grid(torch.cat([images[:n], recon[:n]]), root / f"{stage}_step{self.global_step:07d}.png", nrow=n)
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        counts = self._val_counts.clone()
+        if self.trainer.world_size > 1:
+            counts = self.all_gather(counts).sum(0)
+        self.log(f"{stage}/distinct_ids", float((counts > 0).sum()), rank_zero_only=True)
+        self.log(f"{stage}/perplexity", perplexity(counts), rank_zero_only=True)
+        if self.psnr.update_called:
+            self.log(f"{stage}/psnr", self.psnr.compute(), prog_bar=True)
+            self.log(f"{stage}/ssim", self.ssim.compute())
+        self.psnr.reset()
+        self.ssim.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
+
+    # ------------------------------------------------------------------ optimiser
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, p in self.tokenizer.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or name.endswith(("pos", "pos_embed", "queries", "null_tokens", "mask_token")) else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        vocab = self.tokenizer.vocabulary
+        checkpoint["v2flow_vocab"] = {
+            "llm_name": vocab.llm_name,
+            "llm_vocab_size": vocab.llm_vocab_size,
+            "token_strings": vocab.token_strings,
+        }
+
+
+def tokenizer_from_checkpoint(path: str | Path, map_location: str = "cpu") -> V2FlowTokenizer:
+    """Rebuild the trained tokenizer (EMA weights when the run used :class:`EMA`) from a Lightning checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    for key in ("state_dict", "hyper_parameters", "v2flow_vocab"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint {path} has no {key!r}; is it a v2flow training checkpoint?")
+    config = ckpt["hyper_parameters"].get("tokenizer_config")
+    if config is None:
+        raise ValueError(f"checkpoint {path} has no tokenizer_config in its hyper-parameters")
+    tokenizer = V2FlowTokenizer.from_config(config)
+    prefix = "tokenizer."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    meta = ckpt["v2flow_vocab"]
+    tokenizer.set_vocabulary(
+        LLMVocabulary(
+            state["resampler.vocabulary.embeddings"],
+            state["resampler.vocabulary.token_ids"],
+            meta["llm_name"],
+            meta["llm_vocab_size"],
+            meta["token_strings"],
+        )
+    )
+    missing, unexpected = tokenizer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its tokenizer config: missing {missing}, unexpected {unexpected}")
+    return tokenizer.eval()

@@ -1,0 +1,44 @@
+"""Small helpers: image grids and PNG writing (Pillow, no torchvision)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return array.permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
+    """Tile (B, C, H, W) images in [-1, 1] into one PIL image with `nrow` images per row."""
+    pixels = to_uint8(images)
+    b, h, w, c = pixels.shape
+    rows = (b + nrow - 1) // nrow
+    canvas = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, dtype=np.uint8)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        canvas[top : top + h, left : left + w] = pixels[i]
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, padding: int = 2) -> Path:
+    """Write an image grid as PNG, atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    image_grid(images, nrow, padding).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """Write one (C, H, W) image in [-1, 1] as PNG."""
+    return save_image_grid(image[None], path, nrow=1, padding=0)

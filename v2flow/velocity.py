@@ -1,0 +1,126 @@
+"""Rectified-flow velocity head and its loss.
+
+Time convention (used everywhere in v2flow): t = 0 is data, t = 1 is noise,
+    x_t = (1 - t) * x0 + t * noise,        velocity v = dx_t/dt = noise - x0.
+Sampling integrates dx/dt = v from t = 1 down to t = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+from torch import nn
+
+from .layers import AdaLNResBlock, TimestepEmbedder, modulate
+
+TIME_SAMPLING = ("uniform", "logit_normal")
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Timestep shift (SD3): shift > 1 moves time towards the noise end, t' = s t / (1 + (s - 1) t)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_time(
+    n: int,
+    *,
+    method: str = "logit_normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    shift: float = 1.0,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(n,) training times in (0, 1): uniform, or sigmoid of a normal (logit-normal), then shifted."""
+    gen_device = generator.device if generator is not None else device
+    if method == "uniform":
+        t = torch.rand(n, generator=generator, device=gen_device)
+    elif method == "logit_normal":
+        t = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=gen_device))
+    else:
+        raise ValueError(f"unknown time sampling {method!r}; choose one of {TIME_SAMPLING}")
+    return shift_time(t.to(device), shift)
+
+
+class VelocityHead(nn.Module):
+    """Per-patch MLP v(x_t, t, c) with adaLN conditioning on time and the patch condition (MAR's flow head).
+
+    Args:
+        patch_dim: P, values per patch.
+        cond_dim: D, width of the per-patch condition.
+        width: MLP width.
+        depth: residual adaLN blocks.
+    """
+
+    def __init__(self, *, patch_dim: int, cond_dim: int, width: int, depth: int) -> None:
+        super().__init__()
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.input_proj = nn.Linear(patch_dim, width)
+        self.blocks = nn.ModuleList(AdaLNResBlock(width) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.output = nn.Linear(width, patch_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        # zero-init modulation and output: every block starts as the identity and v starts at 0
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+        nn.init.zeros_(self.final_modulation[-1].weight)
+        nn.init.zeros_(self.final_modulation[-1].bias)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x (M, P) noisy patches, t (M,) times, cond (M, D) -> velocity (M, P)."""
+        c = self.time_embed(t) + self.cond_embed(cond)  # (M, W)
+        h = self.input_proj(x)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.final_modulation(c).chunk(2, dim=-1)
+        return self.output(modulate(self.final_norm(h), shift, scale))
+
+
+def flow_matching_loss(
+    head: VelocityHead,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    *,
+    batch_mul: int = 4,
+    time_sampling: str = "logit_normal",
+    time_mean: float = 0.0,
+    time_std: float = 1.0,
+    time_shift: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Rectified-flow loss ||v(x_t, t, c) - (noise - x0)||^2 with `batch_mul` noise draws per patch.
+
+    Args:
+        x0: (M, P) clean patches; cond: (M, D) their conditions.
+    Returns:
+        scalar mean-squared error.
+    """
+    x0 = repeat(x0, "m p -> (r m) p", r=batch_mul)
+    cond = repeat(cond, "m d -> (r m) d", r=batch_mul)
+    t = sample_time(
+        x0.shape[0],
+        method=time_sampling,
+        mean=time_mean,
+        std=time_std,
+        shift=time_shift,
+        device=x0.device,
+        generator=generator,
+    )
+    gen_device = generator.device if generator is not None else x0.device
+    noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0)
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
+    return F.mse_loss(head(x_t, t, cond), noise - x0)
