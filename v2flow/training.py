@@ -85,7 +85,6 @@ class V2FlowModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
-        self.hparams["tokenizer_config"] = dict(tokenizer.config)
         self.tokenizer = tokenizer
         if tokenizer.vocabulary.llm_name == "":
             # the frozen rows must be in place before callbacks (EMA) copy the module
@@ -211,6 +210,7 @@ class V2FlowModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         vocab = self.tokenizer.vocabulary
+        checkpoint["v2flow_tokenizer_config"] = dict(self.tokenizer.config)
         checkpoint["v2flow_vocab"] = {
             "llm_name": vocab.llm_name,
             "llm_vocab_size": vocab.llm_vocab_size,
@@ -227,13 +227,12 @@ def tokenizer_from_checkpoint(path: str | Path, map_location: str = "cpu") -> V2
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-    for key in ("state_dict", "hyper_parameters", "v2flow_vocab"):
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a Lightning checkpoint")
+    for key in ("state_dict", "v2flow_tokenizer_config", "v2flow_vocab"):
         if key not in ckpt:
             raise ValueError(f"checkpoint {path} has no {key!r}; is it a v2flow training checkpoint?")
-    config = ckpt["hyper_parameters"].get("tokenizer_config")
-    if config is None:
-        raise ValueError(f"checkpoint {path} has no tokenizer_config in its hyper-parameters")
-    tokenizer = V2FlowTokenizer.from_config(config)
+    tokenizer = V2FlowTokenizer.from_config(ckpt["v2flow_tokenizer_config"])
     prefix = "tokenizer."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     meta = ckpt["v2flow_vocab"]

@@ -1,0 +1,111 @@
+"""The `v2flow` command: Lightning CLI subcommands and the tokenizer tools, run in-process."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from v2flow import V2FlowTokenizer
+from v2flow.cli import lightning_cli, main
+
+QUICK = "configs/quickstart.yaml"
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """CLI overrides that make quickstart tiny: a random 64x576 vocabulary table and a few MNIST digits."""
+    table = tmp_path / "table.safetensors"
+    save_file({"embeddings": torch.randn(200, 576, generator=torch.Generator().manual_seed(0))}, table)
+    return [
+        "--config", QUICK,
+        f"--model.tokenizer.init_args.vocab_source={table}",
+        "--model.tokenizer.init_args.num_entries=64",
+        "--model.tokenizer.init_args.num_tokens=4",
+        "--data.init_args.train_limit=64",
+        "--data.init_args.val_limit=16",
+        "--data.init_args.batch_size=8",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--trainer.val_check_interval=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+def test_quickstart_fast_dev_run(tmp_path):
+    cli = lightning_cli(["fit", "--config", QUICK, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.global_step == 1
+    assert cli.model.tokenizer.vocabulary.llm_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        lightning_cli(["fit", "--config", QUICK, "--model.tokenizer.init_args.num_tokenz=3"])
+    assert "num_tokenz" in capsys.readouterr().err
+
+
+def test_omegaconf_interpolation(tmp_path, tiny_run):
+    cfg = tmp_path / "interp.yaml"
+    cfg.write_text(
+        "model:\n  tokenizer:\n    init_args:\n      encoder_dim: 32\n"
+        "      decoder_dim: ${model.tokenizer.init_args.encoder_dim}\n"
+    )
+    cli = lightning_cli([*tiny_run, "--config", str(cfg), "--trainer.fast_dev_run=true"], run=False)
+    assert cli.model.tokenizer.config["decoder_dim"] == cli.model.tokenizer.config["encoder_dim"] == 32
+
+
+def test_fit_resume_export_and_tools(tmp_path, tiny_run):
+    ckpt_cb = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true",
+               "--trainer.callbacks.every_n_train_steps=2", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}"]
+    cli = lightning_cli(["fit", *tiny_run, *ckpt_cb, "--trainer.max_steps=2"])
+    assert cli.trainer.global_step == 2
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.exists()
+    grids = list((tmp_path / "logs").rglob("reconstructions/val_step*.png"))
+    assert grids, "validation must write a reconstruction grid"
+    # resume: training continues from step 2, with the optimiser state restored
+    cli = lightning_cli(["fit", *tiny_run, *ckpt_cb, "--trainer.max_steps=4", f"--ckpt_path={last}"])
+    assert cli.trainer.global_step == 4
+    # validate and test subcommands
+    lightning_cli(["validate", *tiny_run, f"--ckpt_path={last}"])
+    lightning_cli(["test", *tiny_run, f"--ckpt_path={last}"])
+
+    out = tmp_path / "export"
+    assert main(["export", str(last), str(out)]) == 0
+    tok = V2FlowTokenizer.from_pretrained(out)
+    assert tok.config["num_tokens"] == 4
+    assert main(["export", str(last), str(out)]) == 2, "export over an existing directory must refuse"
+    assert main(["export", str(last), str(out), "--overwrite", "--set", "sample_steps=3"]) == 0
+    assert V2FlowTokenizer.from_pretrained(out).config["sample_steps"] == 3
+
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    from v2flow.data import load_mnist
+
+    digits, _ = load_mnist("test")
+    for i in range(3):
+        Image.fromarray(((digits[i, 0] + 1) * 127.5).round().byte().numpy()).save(folder / f"d{i}.png")
+    ids_json = tmp_path / "ids.json"
+    assert main(["encode", str(out), str(folder), "-o", str(ids_json)]) == 0
+    payload = json.loads(ids_json.read_text())
+    assert np.array(payload["ids"]).shape == (3, 4) and len(payload["files"]) == 3
+    assert torch.isin(torch.tensor(payload["ids"]), tok.vocabulary.token_ids).all()
+    assert main(["encode", str(out), str(folder), "-o", str(tmp_path / "ids.pt")]) == 0
+    assert main(["decode", str(out), str(ids_json), "-o", str(tmp_path / "dec"), "--num-steps", "2"]) == 0
+    assert len(list((tmp_path / "dec").glob("*.png"))) == 3
+    assert main(["decode", str(out), str(tmp_path / "ids.pt"), "-o", str(tmp_path / "dec2")]) == 0
+    assert main(["reconstruct", str(out), str(folder), "-o", str(tmp_path / "rec"), "--num-steps", "2"]) == 0
+    metrics = json.loads((tmp_path / "rec" / "metrics.json").read_text())
+    assert set(metrics) == {"psnr", "ssim"} and (tmp_path / "rec" / "comparison.png").exists()
+
+    # bad inputs get a named error and exit code 2
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(folder / "small.png")
+    assert main(["encode", str(out), str(folder / "small.png"), "-o", str(tmp_path / "x.json")]) == 2
+    assert main(["encode", str(out), str(folder / "small.png"), "-o", str(tmp_path / "x.json"), "--resize"]) == 0
+    (tmp_path / "bad_ids.json").write_text(json.dumps({"ids": [[10**6] * 4]}))
+    assert main(["decode", str(out), str(tmp_path / "bad_ids.json"), "-o", str(tmp_path / "d3")]) == 2
+    assert main(["encode", str(out), str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.json")]) == 2
+    torch.save({"no": 1}, tmp_path / "junk.ckpt")
+    assert main(["export", str(tmp_path / "junk.ckpt"), str(tmp_path / "e2")]) == 2

@@ -1,0 +1,184 @@
+import json
+
+import pytest
+import torch
+from conftest import TINY, make_tokenizer
+
+from v2flow import V2FlowTokenizer
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"estimator": "softmax"}, {"estimator": "softmax", "gumbel": True}, {"quantizer": "vq"}],
+    ids=["projected", "softmax", "gumbel", "vq"],
+)
+def test_shapes_and_ids_inside_vocabulary(overrides, images):
+    tok = make_tokenizer(**overrides)
+    out = tok.encode(images, return_probs=True)
+    b, n, k = images.shape[0], TINY["num_tokens"], TINY["num_entries"]
+    assert out.ids.shape == out.indices.shape == (b, n)
+    assert out.soft_embeddings.shape == (b, n, TINY["llm_dim"])
+    assert out.probs.shape == (b, n, k)
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(b, n))
+    if tok.config["quantizer"] == "vocab":
+        assert torch.isin(out.ids, tok.vocabulary.token_ids).all()
+        torch.testing.assert_close(tok.vocabulary.token_ids[out.indices], out.ids)
+    else:
+        assert out.ids.max() < tok.config["codebook_size"]
+    rec = tok.decode(out.ids, generator=torch.Generator().manual_seed(0)).images
+    assert rec.shape == images.shape and rec.min() >= -1 and rec.max() <= 1
+
+
+@pytest.mark.parametrize("overrides", [{}, {"estimator": "softmax", "gumbel": True}, {"quantizer": "vq"}])
+def test_training_loss_backward(overrides, images):
+    tok = make_tokenizer(**overrides).train()
+    out = tok.loss(images, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    assert "flow" in out.parts and "aux" in out.parts
+    out.loss.backward()
+    grads = [p.grad for p in tok.encoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads), "no gradient reaches the encoder through the quantiser"
+
+
+def test_encode_is_deterministic_and_ignores_gumbel(images):
+    tok = make_tokenizer(estimator="softmax", gumbel=True)
+    a, b = tok.encode(images).ids, tok.encode(images).ids
+    assert torch.equal(a, b)
+
+
+def test_decode_determinism_with_generator(tokenizer, images):
+    ids = tokenizer.encode(images).ids
+    kw = dict(num_steps=3, num_iters=2)
+    a = tokenizer.decode(ids, generator=torch.Generator().manual_seed(7), **kw).images
+    b = tokenizer.decode(ids, generator=torch.Generator().manual_seed(7), **kw).images
+    c = tokenizer.decode(ids, generator=torch.Generator().manual_seed(8), **kw).images
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_save_load_round_trip_bit_exact(tmp_path, images):
+    tok = make_tokenizer()
+    # move weights away from their init so the test is not trivially satisfied by zero-initialised layers
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tok.save_pretrained(tmp_path / "tok")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    loaded = V2FlowTokenizer.from_pretrained(path)
+    for (ka, va), (kb, vb) in zip(tok.state_dict().items(), loaded.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    ids = tok.encode(images).ids
+    assert torch.equal(ids, loaded.encode(images).ids)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(tok.decode(ids, generator=g()).images, loaded.decode(ids, generator=g()).images)
+    assert loaded.vocabulary.llm_name == "tiny-llm"
+    assert loaded.token_strings(ids[:1]) == tok.token_strings(ids[:1])
+
+
+def test_save_pretrained_replaces_existing_directory(tmp_path):
+    tok = make_tokenizer()
+    target = tmp_path / "tok"
+    tok.save_pretrained(target)
+    (target / "stale.txt").write_text("x")
+    tok.save_pretrained(target)
+    assert not (target / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
+
+
+def test_cfg_scale_changes_output(tokenizer, images):
+    ids = tokenizer.encode(images).ids
+    with torch.no_grad():
+        tokenizer.decoder.null_tokens.add_(1.0)
+        for p in tokenizer.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = tokenizer.decode(ids, cfg_scale=1.0, generator=g()).images
+    b = tokenizer.decode(ids, cfg_scale=3.0, generator=g()).images
+    assert not torch.equal(a, b)
+
+
+def test_token_usefulness_reports_gap(tokenizer, images):
+    useful = tokenizer.token_usefulness(images)
+    assert set(useful) == {"flow_loss_true", "flow_loss_shuffled", "shuffle_gap"}
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.zeros(1, 8, 8), "4 axes"),
+        (torch.zeros(2, 3, 8, 8), "3 channels"),
+        (torch.zeros(2, 1, 10, 10), "10x10"),
+        (torch.full((2, 1, 8, 8), 2.0), r"\[-1, 1\]"),
+        (torch.full((2, 1, 8, 8), float("nan")), "NaN"),
+        (torch.zeros(2, 1, 8, 8, dtype=torch.uint8), "floating point"),
+    ],
+)
+def test_bad_images_are_named(tokenizer, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tokenizer.encode(bad)
+
+
+def test_images_are_not_silently_clipped(tokenizer):
+    with pytest.raises(ValueError, match="x \\* 2 - 1"):
+        tokenizer.encode(torch.full((1, 1, 8, 8), 1.5))
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        (torch.zeros(2, 4), "integer"),
+        (torch.zeros(2, 5, dtype=torch.long), r"shape \(B, 4\)"),
+        (torch.full((2, 4), 10_000), "not token ids"),
+        (torch.full((2, 4), -1), "not token ids"),
+    ],
+)
+def test_bad_ids_are_named(tokenizer, ids, match):
+    with pytest.raises(ValueError, match=match):
+        tokenizer.decode(ids)
+
+
+def test_ids_outside_visual_vocabulary(tokenizer):
+    outside = [i for i in range(100) if i not in set(tokenizer.vocabulary.token_ids.tolist())][0]
+    ids = tokenizer.vocabulary.token_ids[:4][None].clone()
+    ids[0, 1] = outside
+    with pytest.raises(ValueError, match="not in\nthis|not in this tokenizer"):
+        tokenizer.decode(ids)
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        V2FlowTokenizer(**{**TINY, "image_size": 10})
+    with pytest.raises(ValueError, match="not divisible"):
+        V2FlowTokenizer(**{**TINY, "encoder_dim": 18, "encoder_heads": 4})
+    with pytest.raises(ValueError, match="unknown quantizer"):
+        V2FlowTokenizer(**{**TINY, "quantizer": "lfq"})
+    with pytest.raises(ValueError, match="unknown sample_solver"):
+        V2FlowTokenizer(**{**TINY, "sample_solver": "heun"})
+
+
+def test_unknown_config_key_and_missing_files(tmp_path):
+    tok = make_tokenizer()
+    path = tok.save_pretrained(tmp_path / "tok")
+    config = json.loads((path / "config.json").read_text())
+    config["num_tokenz"] = 3
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown config keys \\['num_tokenz'\\]"):
+        V2FlowTokenizer.from_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "vocab.json").unlink()
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        V2FlowTokenizer.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="no pretrained tokenizer"):
+        V2FlowTokenizer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_vocabulary_shape_mismatch_is_refused():
+    from conftest import tiny_vocabulary
+
+    tok = V2FlowTokenizer(**TINY)
+    with pytest.raises(ValueError, match="num_entries x llm_dim"):
+        tok.set_vocabulary(tiny_vocabulary(16, 24))

@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from v2flow.vocab import LLMVocabulary, farthest_point_indices
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("V2FLOW_CACHE", str(tmp_path / "cache"))
+
+
+def _tiny_llm(tmp_path, arch: str):
+    """A tiny random causal LM and a real BPE tokenizer trained offline, saved as a model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    text = ["a handwritten digit seven", "the quick brown fox jumps over the lazy dog"] * 50
+    raw.train_from_iterator(text, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    v = len(tok)
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=32, n_layer=1, n_head=2))
+    path = tmp_path / f"tiny-{arch}"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, model, tok
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("selection", ["fps", "first"])
+def test_model_dir_ids_are_real_llm_tokens(tmp_path, arch, selection):
+    path, model, tok = _tiny_llm(tmp_path, arch)
+    vocab = LLMVocabulary.load(str(path), num_entries=40, selection=selection)
+    table = model.get_input_embeddings().weight.detach()
+    assert vocab.embeddings.shape == (40, 32) and vocab.llm_vocab_size == len(tok)
+    torch.testing.assert_close(vocab.embeddings, table[vocab.token_ids])
+    assert not set(vocab.token_ids.tolist()) & set(tok.all_special_ids)
+    # the strings are what the LLM's own tokenizer makes of the ids, and encode back to them
+    for i, s in zip(vocab.token_ids.tolist(), vocab.token_strings):
+        assert s == tok.decode([i])
+        assert tok.convert_tokens_to_ids(tok.convert_ids_to_tokens(i)) == i
+    again = LLMVocabulary.load(str(path), num_entries=40, selection=selection)  # cached: identical
+    assert torch.equal(again.token_ids, vocab.token_ids) and torch.equal(again.embeddings, vocab.embeddings)
+
+
+def test_tensor_file_sources(tmp_path):
+    table = torch.randn(50, 8)
+    save_file({"embeddings": table}, tmp_path / "table.safetensors")
+    torch.save(table, tmp_path / "table.pt")
+    for name in ("table.safetensors", "table.pt"):
+        vocab = LLMVocabulary.load(str(tmp_path / name), num_entries=10)
+        torch.testing.assert_close(vocab.embeddings, table[vocab.token_ids])
+        assert vocab.token_strings is None
+
+
+def test_farthest_point_is_deterministic_and_spread():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(500, 16, generator=g)
+    a, b = farthest_point_indices(rows, 50), farthest_point_indices(rows, 50)
+    assert torch.equal(a, b) and a.unique().numel() == 50
+    unit = torch.nn.functional.normalize(rows - rows.mean(0), dim=-1)
+    nearest = lambda idx: (unit[idx] @ unit[idx].T).fill_diagonal_(-2).max(1).values.mean()  # noqa: E731
+    assert nearest(a) < nearest(torch.arange(50))  # more spread than an arbitrary subset
+
+
+def test_missing_source_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LLMVocabulary.load(str(tmp_path / "nope.gguf"))
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        LLMVocabulary.load(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown selection"):
+        LLMVocabulary.load("smollm2", 10, selection="random")
+
+
+def test_num_entries_out_of_range(tmp_path):
+    save_file({"embeddings": torch.randn(20, 4)}, tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match="num_entries=30"):
+        LLMVocabulary.load(str(tmp_path / "t.safetensors"), num_entries=30)
+
+
+def test_gguf_without_embedding_table(tmp_path):
+    import gguf
+
+    path = tmp_path / "no_embd.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="no token-embedding table"):
+        LLMVocabulary.load(str(path))
+
+
+def test_bad_vocabulary_tensors():
+    with pytest.raises(ValueError, match="duplicates"):
+        LLMVocabulary(torch.zeros(2, 3), torch.tensor([1, 1]), "x", 5)
+    with pytest.raises(ValueError, match=r"lie in \[0, 5\)"):
+        LLMVocabulary(torch.zeros(2, 3), torch.tensor([1, 7]), "x", 5)
+
+
+def test_bundled_smollm2_matches_transformers_gguf_loader():
+    """The bundled rows are SmolLM2's own: compare with transformers' GGUF loader and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from v2flow.vocab import bundled_smollm2_path
+
+    vocab = LLMVocabulary.load("smollm2", num_entries=64, selection="first")
+    gguf = bundled_smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    table = model.get_input_embeddings().weight.detach().float()
+    assert vocab.llm_vocab_size == table.shape[0] == 49152 and vocab.dim == 576
+    torch.testing.assert_close(vocab.embeddings, table[vocab.token_ids])
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert vocab.token_strings == [tok.decode([i]) for i in vocab.token_ids.tolist()]
