@@ -69,10 +69,20 @@ def main() -> None:
     images, _ = load_mnist(a.split)
     images = images[: a.limit or len(images)]
     decode = {"num_steps": a.num_steps, "solver": a.solver, "num_iters": a.num_iters, "cfg_scale": a.cfg_scale}
-    used = {k: (v if v is not None else tok.config[f"sample_{k.replace('num_', '').replace('_scale', '')}"]) for k, v in decode.items()}
-    result = {"checkpoint": a.checkpoint, "split": a.split, "decode": used, **evaluate(tok, images, a.batch_size, a.seed, **decode)}
+    used = {
+        k: (v if v is not None else tok.config[f"sample_{k.replace('num_', '').replace('_scale', '')}"])
+        for k, v in decode.items()
+    }
+    result = {
+        "checkpoint": a.checkpoint,
+        "split": a.split,
+        "decode": used,
+        **evaluate(tok, images, a.batch_size, a.seed, **decode),
+    }
     print(json.dumps(result, indent=1))
-    print("\n| checkpoint | split | images | steps | solver | iters | cfg | PSNR (dB) | SSIM | distinct ids | perplexity | bits/image |")
+    print(
+        "\n| checkpoint | split | images | steps | solver | iters | cfg | PSNR (dB) | SSIM | distinct ids | perplexity | bits/image |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {a.checkpoint} | {a.split} | {result['num_images']} | {used['num_steps']} | {used['solver']} | {used['num_iters']} | "

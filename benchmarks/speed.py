@@ -70,7 +70,11 @@ def main() -> None:
     x = images[: a.batch_size]
     ids = tok.encode(x).ids
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "batch_size": a.batch_size,
         "encode_images_per_s": a.batch_size / best_time(lambda: tok.encode(x), a.repeats),
         "decode": [],
@@ -78,12 +82,17 @@ def main() -> None:
     for iters in a.iters:
         for steps in a.steps:
             g = torch.Generator().manual_seed(0)
-            seconds = best_time(lambda: tok.decode(ids, num_steps=steps, num_iters=iters, solver="euler", generator=g), a.repeats)
+            seconds = best_time(
+                lambda s=steps, n=iters, g=g: tok.decode(ids, num_steps=s, num_iters=n, solver="euler", generator=g),
+                a.repeats,
+            )
             result["decode"].append({"num_steps": steps, "num_iters": iters, "images_per_s": a.batch_size / seconds})
     result["train"] = training_throughput(a.config, None, a.train_steps, a.repeats)
     print(json.dumps(result, indent=1))
-    print(f"\nencode: {result['encode_images_per_s']:.0f} images/s; train ({a.config}, batch "
-          f"{result['train']['batch_size']}): {result['train']['train_images_per_s']:.1f} images/s\n")
+    print(
+        f"\nencode: {result['encode_images_per_s']:.0f} images/s; train ({a.config}, batch "
+        f"{result['train']['batch_size']}): {result['train']['train_images_per_s']:.1f} images/s\n"
+    )
     print("| decode (Euler) | " + " | ".join(f"{s} steps" for s in a.steps) + " |")
     print("|---|" + "---|" * len(a.steps))
     for iters in a.iters:

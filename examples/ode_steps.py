@@ -51,10 +51,15 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for solver in a.solvers:
         pts = [(r["num_steps"], r["psnr"]) for r in results if r["solver"] == solver]
-        ax.plot(*zip(*pts), marker="o", label=solver)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=solver)
     dopri = [r for r in results if r["solver"] == "dopri5"][0]
     ax.axhline(dopri["psnr"], color="gray", linestyle="--", label="dopri5 (adaptive)")
-    ax.set(xscale="log", xlabel="ODE steps per iteration", ylabel="PSNR (dB)", title=f"{Path(a.checkpoint).name}, {len(images)} test digits")
+    ax.set(
+        xscale="log",
+        xlabel="ODE steps per iteration",
+        ylabel="PSNR (dB)",
+        title=f"{Path(a.checkpoint).name}, {len(images)} test digits",
+    )
     ax.set_xticks(a.steps, [str(s) for s in a.steps])
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -54,18 +54,27 @@ def main() -> None:
     if args.skip_training:
         return
     save_dir = out / "runs"
-    cli = lightning_cli(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.logger.init_args.save_dir={save_dir}"])
+    cli = lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            f"--trainer.logger.init_args.save_dir={save_dir}",
+        ]
+    )
     log = Path(cli.trainer.logger.log_dir) / "metrics.csv"
     losses = [(int(r["step"]), float(r["train/flow"])) for r in csv.DictReader(log.open()) if r.get("train/flow")]
     first, last = losses[0], losses[-1]
-    print(f"quickstart training: flow loss {first[1]:.3f} at step {first[0]} -> {last[1]:.3f} at step {last[0]} ({log})")
+    print(
+        f"quickstart training: flow loss {first[1]:.3f} at step {first[0]} -> {last[1]:.3f} at step {last[0]} ({log})"
+    )
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(*zip(*losses))
+    ax.plot(*zip(*losses, strict=True))
     ax.set(xlabel="step", ylabel="train flow loss", title="configs/quickstart.yaml")
     fig.tight_layout()
     fig.savefig(out / "quickstart_loss.png", dpi=120)

@@ -20,7 +20,8 @@ def tiny_run(tmp_path):
     table = tmp_path / "table.safetensors"
     save_file({"embeddings": torch.randn(200, 576, generator=torch.Generator().manual_seed(0))}, table)
     return [
-        "--config", QUICK,
+        "--config",
+        QUICK,
         f"--model.tokenizer.init_args.vocab_source={table}",
         "--model.tokenizer.init_args.num_entries=64",
         "--model.tokenizer.init_args.num_tokens=4",
@@ -35,7 +36,9 @@ def tiny_run(tmp_path):
 
 
 def test_quickstart_fast_dev_run(tmp_path):
-    cli = lightning_cli(["fit", "--config", QUICK, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"])
+    cli = lightning_cli(
+        ["fit", "--config", QUICK, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"]
+    )
     assert cli.trainer.global_step == 1
     assert cli.model.tokenizer.vocabulary.llm_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -57,8 +60,12 @@ def test_omegaconf_interpolation(tmp_path, tiny_run):
 
 
 def test_fit_resume_export_and_tools(tmp_path, tiny_run):
-    ckpt_cb = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true",
-               "--trainer.callbacks.every_n_train_steps=2", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}"]
+    ckpt_cb = [
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=2",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+    ]
     cli = lightning_cli(["fit", *tiny_run, *ckpt_cb, "--trainer.max_steps=2"])
     assert cli.trainer.global_step == 2
     last = tmp_path / "ckpt" / "last.ckpt"

@@ -3,7 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from v2flow.data import ImageFolderDataModule, MNISTDataModule, PhotoCropsDataModule, list_images, load_image, load_mnist
+from v2flow.data import (
+    ImageFolderDataModule,
+    MNISTDataModule,
+    PhotoCropsDataModule,
+    list_images,
+    load_image,
+    load_mnist,
+)
 
 
 def test_mnist_splits_and_range():

@@ -15,7 +15,13 @@ def linear_field(t, x):
 
 @pytest.mark.parametrize(
     "solver, steps, tol",
-    [("euler", 200, 5e-3), ("midpoint", 20, 1e-3), ("rk4", 8, 1e-5), ("dopri5", 1, 1e-5), ("flow_match_euler", 200, 5e-3)],
+    [
+        ("euler", 200, 5e-3),
+        ("midpoint", 20, 1e-3),
+        ("rk4", 8, 1e-5),
+        ("dopri5", 1, 1e-5),
+        ("flow_match_euler", 200, 5e-3),
+    ],
 )
 def test_solvers_match_closed_form(solver, steps, tol):
     x1 = torch.randn(5, 3)
@@ -72,7 +78,13 @@ def test_masked_flow_sample_reveals_each_patch_once():
         return torch.zeros(*mask.shape, 3), None
 
     out = masked_flow_sample(
-        conditions, lambda x, t, c: torch.zeros_like(x), batch_size=2, num_patches=10, patch_dim=4, num_iters=3, num_steps=2
+        conditions,
+        lambda x, t, c: torch.zeros_like(x),
+        batch_size=2,
+        num_patches=10,
+        patch_dim=4,
+        num_iters=3,
+        num_steps=2,
     )
     assert out.shape == (2, 10, 4)
     assert seen[0].all() and len(seen) == 3

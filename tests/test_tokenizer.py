@@ -66,7 +66,7 @@ def test_save_load_round_trip_bit_exact(tmp_path, images):
     path = tok.save_pretrained(tmp_path / "tok")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
     loaded = V2FlowTokenizer.from_pretrained(path)
-    for (ka, va), (kb, vb) in zip(tok.state_dict().items(), loaded.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(tok.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
     ids = tok.encode(images).ids
     assert torch.equal(ids, loaded.encode(images).ids)

@@ -25,8 +25,16 @@ def _tiny_llm(tmp_path, arch: str):
     v = len(tok)
     torch.manual_seed(0)
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                             num_attention_heads=2, num_key_value_heads=2))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=v,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            )
+        )
     else:
         model = GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=32, n_layer=1, n_head=2))
     path = tmp_path / f"tiny-{arch}"
@@ -45,7 +53,7 @@ def test_model_dir_ids_are_real_llm_tokens(tmp_path, arch, selection):
     torch.testing.assert_close(vocab.embeddings, table[vocab.token_ids])
     assert not set(vocab.token_ids.tolist()) & set(tok.all_special_ids)
     # the strings are what the LLM's own tokenizer makes of the ids, and encode back to them
-    for i, s in zip(vocab.token_ids.tolist(), vocab.token_strings):
+    for i, s in zip(vocab.token_ids.tolist(), vocab.token_strings, strict=True):
         assert s == tok.decode([i])
         assert tok.convert_tokens_to_ids(tok.convert_ids_to_tokens(i)) == i
     again = LLMVocabulary.load(str(path), num_entries=40, selection=selection)  # cached: identical

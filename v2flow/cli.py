@@ -84,7 +84,7 @@ def _load_images(files: list[Path], tokenizer, resize: bool):
 
     cfg = tokenizer.config
     images = [load_image(f, cfg["in_channels"], cfg["image_size"] if resize else None) for f in files]
-    for f, im in zip(files, images):
+    for f, im in zip(files, images, strict=True):
         if im.shape[-2:] != (cfg["image_size"],) * 2:
             raise ValueError(
                 f"{f} is {im.shape[-1]}x{im.shape[-2]} but the tokenizer expects {cfg['image_size']}x{cfg['image_size']}; "
@@ -137,7 +137,9 @@ def _export(a: argparse.Namespace) -> int:
     for item in a.set:
         key, _, value = item.partition("=")
         if not key.startswith("sample_") or key not in tokenizer.config:
-            raise ValueError(f"--set accepts the decode defaults only: {[k for k in tokenizer.config if k.startswith('sample_')]}")
+            raise ValueError(
+                f"--set accepts the decode defaults only: {[k for k in tokenizer.config if k.startswith('sample_')]}"
+            )
         tokenizer.config[key] = type(tokenizer.config[key])(value)
     tokenizer.save_pretrained(out)
     print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
@@ -217,10 +219,14 @@ def _reconstruct(a: argparse.Namespace) -> int:
     images = _load_images(files, tokenizer, a.resize).to(a.device)
     out = tokenizer.reconstruct(images, **_decode_kwargs(a, a.device))
     folder = Path(a.output)
-    for f, image in zip(files, out.images):
+    for f, image in zip(files, out.images, strict=True):
         save_image(image, folder / f"{f.stem}_recon.png")
     nrow = min(len(files), 16)
-    rows = [t for start in range(0, len(files), nrow) for t in (images[start : start + nrow], out.images[start : start + nrow])]
+    rows = [
+        t
+        for start in range(0, len(files), nrow)
+        for t in (images[start : start + nrow], out.images[start : start + nrow])
+    ]
     import torch
 
     save_image_grid(torch.cat(rows), folder / "comparison.png", nrow=nrow)
@@ -244,4 +250,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -155,7 +155,9 @@ def load_image(path: str | Path, channels: int = 3, size: int | None = None) -> 
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(img, dtype=np.float32) / (65535.0 if img.mode.startswith("I;16") else img.getextrema()[1] or 1)
+                array = np.asarray(img, dtype=np.float32) / (
+                    65535.0 if img.mode.startswith("I;16") else img.getextrema()[1] or 1
+                )
                 img = Image.fromarray(np.clip(array * 255.0, 0, 255).astype(np.uint8))
             img = img.convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:

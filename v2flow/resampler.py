@@ -126,7 +126,7 @@ class VocabularyResampler(nn.Module):
         quantizer: str = "vocab",
         estimator: str = "projected",
         code_dim: int = 64,
-        temperature: float = 0.1,
+        temperature: float = 0.02,
         gumbel: bool = False,
         sample_entropy_weight: float = 0.1,
         batch_entropy_weight: float = 0.1,
@@ -182,7 +182,9 @@ class VocabularyResampler(nn.Module):
     @property
     def embed_dim(self) -> int:
         """Width of what the decoder reads: the code width for ``projected``, else the LLM width."""
-        return self.row_proj.out_features if self.row_proj is not None and self.codebook is None else self.vocabulary.dim
+        return (
+            self.row_proj.out_features if self.row_proj is not None and self.codebook is None else self.vocabulary.dim
+        )
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """Entry indices (B, N) -> the embeddings the decoder reads (B, N, embed_dim)."""

@@ -132,7 +132,7 @@ class V2FlowTokenizer(nn.Module):
         quantizer: str = "vocab",
         estimator: str = "projected",
         code_dim: int = 64,
-        temperature: float = 0.1,
+        temperature: float = 0.02,
         gumbel: bool = False,
         sample_entropy_weight: float = 0.1,
         batch_entropy_weight: float = 0.1,
@@ -551,10 +551,14 @@ class V2FlowTokenizer(nn.Module):
         expected = model.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_NAME} does not match its config: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME} does not match its config: missing {missing}, unexpected {unexpected}"
+            )
         for key, value in state.items():
             if value.shape != expected[key].shape:
-                raise ValueError(f"{WEIGHTS_NAME}: {key} has shape {tuple(value.shape)}, config expects {tuple(expected[key].shape)}")
+                raise ValueError(
+                    f"{WEIGHTS_NAME}: {key} has shape {tuple(value.shape)}, config expects {tuple(expected[key].shape)}"
+                )
         model.set_vocabulary(
             LLMVocabulary(
                 state["resampler.vocabulary.embeddings"],

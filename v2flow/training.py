@@ -89,10 +89,14 @@ class V2FlowModule(L.LightningModule):
         if tokenizer.vocabulary.llm_name == "":
             # the frozen rows must be in place before callbacks (EMA) copy the module
             cfg = tokenizer.config
-            tokenizer.set_vocabulary(LLMVocabulary.load(cfg["vocab_source"], cfg["num_entries"], cfg["vocab_selection"]))
+            tokenizer.set_vocabulary(
+                LLMVocabulary.load(cfg["vocab_source"], cfg["num_entries"], cfg["vocab_selection"])
+            )
         self.psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
-        self.register_buffer("_val_counts", torch.zeros(tokenizer.resampler.num_codes, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "_val_counts", torch.zeros(tokenizer.resampler.num_codes, dtype=torch.long), persistent=False
+        )
 
     # ------------------------------------------------------------------ steps
 
@@ -115,7 +119,9 @@ class V2FlowModule(L.LightningModule):
         log = {f"{stage}/{k}": v.detach() for k, v in out.parts.items()}
         log[f"{stage}/loss"] = out.loss.detach()
         self.log_dict(log, prog_bar=False, sync_dist=stage != "train", batch_size=images.shape[0])
-        self.log(f"{stage}_loss", out.loss.detach(), prog_bar=True, sync_dist=stage != "train", batch_size=images.shape[0])
+        self.log(
+            f"{stage}_loss", out.loss.detach(), prog_bar=True, sync_dist=stage != "train", batch_size=images.shape[0]
+        )
         return out.loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -190,7 +196,11 @@ class V2FlowModule(L.LightningModule):
         for name, p in self.tokenizer.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or name.endswith(("pos", "pos_embed", "queries", "null_tokens", "mask_token")) else decay).append(p)
+            (
+                no_decay
+                if p.ndim < 2 or name.endswith(("pos", "pos_embed", "queries", "null_tokens", "mask_token"))
+                else decay
+            ).append(p)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr,
@@ -247,5 +257,7 @@ def tokenizer_from_checkpoint(path: str | Path, map_location: str = "cpu") -> V2
     )
     missing, unexpected = tokenizer.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its tokenizer config: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"checkpoint {path} does not match its tokenizer config: missing {missing}, unexpected {unexpected}"
+        )
     return tokenizer.eval()

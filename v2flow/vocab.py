@@ -117,7 +117,7 @@ class LLMVocabulary(nn.Module):
         """LLM token strings for a tensor of LLM token ids (nested lists with the tensor's shape)."""
         if self.token_strings is None:
             raise ValueError("this vocabulary has no token strings; load it from an LLM with a tokenizer")
-        lookup = dict(zip(self.token_ids.tolist(), self.token_strings))
+        lookup = dict(zip(self.token_ids.tolist(), self.token_strings, strict=True))
         return _map_nested(token_ids.tolist(), lookup.__getitem__)
 
     # ------------------------------------------------------------------ loading

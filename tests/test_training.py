@@ -1,0 +1,34 @@
+import pytest
+import torch
+from conftest import make_tokenizer
+
+from v2flow.training import EMA, V2FlowModule, tokenizer_from_checkpoint
+
+
+def test_ema_averages_floats_and_copies_integers():
+    ema = EMA(decay=0.9)
+    avg = ema._average(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor(1))
+    assert avg.item() == pytest.approx(1.1)
+    ids = ema._average(torch.tensor([365, 7]), torch.tensor([365, 7]), torch.tensor(1))
+    assert ids.dtype == torch.long and ids.tolist() == [365, 7]
+    with pytest.raises(ValueError, match="decay"):
+        EMA(decay=1.0)
+
+
+def test_temperature_anneal_and_step():
+    tok = make_tokenizer(estimator="softmax", temperature=0.5)
+    module = V2FlowModule(tok, temperature_end=0.05, temperature_anneal_steps=10)
+    assert module.tokenizer.vocabulary.llm_name == "tiny-llm", "an installed vocabulary must not be reloaded"
+    module._anneal_temperature()
+    assert tok.resampler.temperature == pytest.approx(0.5)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tokenizer_from_checkpoint(tmp_path / "none.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "partial.ckpt")
+    with pytest.raises(ValueError, match="v2flow_tokenizer_config"):
+        tokenizer_from_checkpoint(tmp_path / "partial.ckpt")
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        tokenizer_from_checkpoint(tmp_path / "garbage.ckpt")
