@@ -3,6 +3,8 @@
     python benchmarks/reconstruction.py --checkpoint checkpoints/mnist-smollm2-32 [--num-steps 8 --solver euler]
 
 Streams the split in batches (bounded memory) with a progress bar; prints JSON and a markdown table row.
+`shuffle_gap` is the relative increase of the flow loss on the first 500 images when their tokens are
+shuffled across the batch: how much the decoder relies on its tokens.
 PSNR is the mean of per-image PSNR (data range 2 for [-1, 1] images); SSIM is torchmetrics' mean SSIM;
 both are computed against exactly the 32x32 padded digits the model was given (no crop or resize).
 """
@@ -38,6 +40,7 @@ def evaluate(tok: V2FlowTokenizer, images: torch.Tensor, batch_size: int, seed: 
         ssim.update(y, x)
         counts += torch.bincount(enc.indices.flatten(), minlength=counts.numel())
     seconds = time.perf_counter() - start
+    useful = tok.token_usefulness(images[:500])
     return {
         "psnr": psnr_sum / len(images),
         "ssim": float(ssim.compute()),
@@ -45,6 +48,7 @@ def evaluate(tok: V2FlowTokenizer, images: torch.Tensor, batch_size: int, seed: 
         "vocabulary_entries": counts.numel(),
         "perplexity": perplexity(counts),
         "bits_per_image": tok.config["num_tokens"] * math.log2(counts.numel()),
+        "shuffle_gap": useful["shuffle_gap"],
         "num_images": len(images),
         "seconds": seconds,
     }
