@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -160,9 +161,9 @@ class V2FlowTokenizer(nn.Module):
         sample_cfg: float = 1.0,
         sample_shift: float = 1.0,
     ) -> None:
+        config = {k: v for k, v in locals().items() if k in _config_keys()}
         super().__init__()
-        frame = inspect.currentframe()
-        self.config = {k: v for k, v in inspect.getargvalues(frame).locals.items() if k in _config_keys()}
+        self.config = config
         if image_size % patch_size:
             raise ValueError(
                 f"image_size {image_size} is not a multiple of patch_size {patch_size}; "
@@ -477,8 +478,6 @@ class V2FlowTokenizer(nn.Module):
     def usage(self, indices: torch.Tensor) -> dict[str, float]:
         """Vocabulary usage of entry indices (any shape): distinct entries, perplexity, bits per image."""
         counts = torch.bincount(indices.flatten().cpu(), minlength=self.resampler.num_codes)
-        import math
-
         return {
             "distinct_ids": int((counts > 0).sum()),
             "perplexity": perplexity(counts),

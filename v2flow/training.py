@@ -113,9 +113,13 @@ class V2FlowModule(L.LightningModule):
         frac = min(self.global_step / steps, 1.0)
         self.tokenizer.resampler.temperature = start * (end / start) ** frac
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _step(self, batch, stage: str, batch_idx: int = 0) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        out = self.tokenizer.loss(images, generator=self._generator() if stage == "train" else None)
+        if stage == "train":
+            generator = self._generator()
+        else:  # the same masks, times and noise at every validation: comparable numbers across a run
+            generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
+        out = self.tokenizer.loss(images, generator=generator)
         log = {f"{stage}/{k}": v.detach() for k, v in out.parts.items()}
         log[f"{stage}/loss"] = out.loss.detach()
         self.log_dict(log, prog_bar=False, sync_dist=stage != "train", batch_size=images.shape[0])
@@ -145,7 +149,7 @@ class V2FlowModule(L.LightningModule):
 
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        self._step(batch, stage)
+        self._step(batch, stage, batch_idx)
         ids = self.tokenizer.encode(images)
         self._val_counts += torch.bincount(ids.indices.flatten(), minlength=self._val_counts.numel())
         if batch_idx >= self.hparams.val_recon_batches:

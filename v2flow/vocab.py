@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,8 +216,6 @@ def _cached(key: str, name: str, reader) -> _Table:
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
     if target.exists():  # another process finished first
-        import shutil
-
         shutil.rmtree(tmp)
     else:
         tmp.rename(target)
