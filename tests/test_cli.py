@@ -68,6 +68,9 @@ def test_fit_resume_export_and_tools(tmp_path, tiny_run):
     ]
     cli = lightning_cli(["fit", *tiny_run, *ckpt_cb, "--trainer.max_steps=2"])
     assert cli.trainer.global_step == 2
+    metrics = cli.trainer.callback_metrics
+    assert metrics["val/distinct_ids"] > 0 and metrics["val/perplexity"] >= 1
+    assert {"val/psnr", "val/ssim", "val/shuffle_gap", "val/flow", "val/aux"} <= set(metrics)
     last = tmp_path / "ckpt" / "last.ckpt"
     assert last.exists()
     grids = list((tmp_path / "logs").rglob("reconstructions/val_step*.png"))

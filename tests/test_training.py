@@ -7,8 +7,10 @@ from v2flow.training import EMA, V2FlowModule, tokenizer_from_checkpoint
 
 def test_ema_averages_floats_and_copies_integers():
     ema = EMA(decay=0.9)
-    avg = ema._average(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor(1))
+    avg = ema._average(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor(1000))
     assert avg.item() == pytest.approx(1.1)
+    warm = ema._average(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor(0))  # decay warms up: 1/10
+    assert warm.item() == pytest.approx(1.9)
     ids = ema._average(torch.tensor([365, 7]), torch.tensor([365, 7]), torch.tensor(1))
     assert ids.dtype == torch.long and ids.tolist() == [365, 7]
     with pytest.raises(ValueError, match="decay"):

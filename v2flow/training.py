@@ -25,9 +25,11 @@ from .vocab import LLMVocabulary
 class EMA(WeightAveraging):
     """Exponential moving average of the weights (Lightning's WeightAveraging).
 
-    Floating-point parameters and buffers are averaged with `decay`; integer buffers (the vocabulary's LLM
-    token ids) are copied, never averaged. Validation runs on the averaged weights, and checkpoints store
-    them as ``state_dict`` (the raw weights go to ``current_model_state``, so resuming is exact).
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so the average does not keep
+    the random initialisation for thousands of steps. Floating-point parameters and buffers are averaged;
+    integer buffers (the vocabulary's LLM token ids) are copied, never averaged. Validation runs on the
+    averaged weights, and checkpoints store them as ``state_dict`` (the raw weights go to
+    ``current_model_state``, so resuming is exact).
     """
 
     def __init__(self, decay: float = 0.999, update_starting_at_step: int = 0) -> None:
@@ -38,9 +40,11 @@ class EMA(WeightAveraging):
         super().__init__(use_buffers=True, avg_fn=self._average)
 
     def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        if averaged.is_floating_point():
-            return torch.lerp(averaged, current, 1.0 - self.decay)
-        return current
+        if not averaged.is_floating_point():
+            return current
+        n = float(num_averaged)
+        decay = min(self.decay, (1.0 + n) / (10.0 + n))
+        return torch.lerp(averaged, current.to(averaged.dtype), 1.0 - decay)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.update_starting_at_step
@@ -136,7 +140,7 @@ class V2FlowModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_counts.zero_()
+        self._val_counts = torch.zeros_like(self._val_counts, device=self.device)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
@@ -145,7 +149,7 @@ class V2FlowModule(L.LightningModule):
         self._eval_step(batch, batch_idx, "test")
 
     def on_test_epoch_start(self) -> None:
-        self._val_counts.zero_()
+        self._val_counts = torch.zeros_like(self._val_counts, device=self.device)
 
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
