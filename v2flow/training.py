@@ -98,9 +98,8 @@ class V2FlowModule(L.LightningModule):
             )
         self.psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
-        self.register_buffer(
-            "_val_counts", torch.zeros(tokenizer.resampler.num_codes, dtype=torch.long), persistent=False
-        )
+        # a plain attribute, not a buffer: the EMA callback swaps every buffer in and out around validation
+        self._val_counts = torch.zeros(tokenizer.resampler.num_codes, dtype=torch.long)
 
     # ------------------------------------------------------------------ steps
 
