@@ -243,8 +243,10 @@ class V2FlowTokenizer(nn.Module):
 
     # ------------------------------------------------------------------ input checks
 
-    def check_images(self, images: torch.Tensor) -> None:
-        """Raise a ValueError naming the problem unless images are (B, C, H, W) floats in [-1, 1]."""
+    def check_images(self, images: torch.Tensor, check_values: bool = True) -> None:
+        """Raise a ValueError naming the problem unless images are (B, C, H, W) floats in [-1, 1].
+
+        `check_values=False` checks type and shape only (no device-to-host sync; used by the training loss)."""
         c, s = self.config["in_channels"], self.config["image_size"]
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor (B, {c}, {s}, {s}), got {type(images).__name__}")
@@ -260,6 +262,8 @@ class V2FlowTokenizer(nn.Module):
                 f"images are {images.shape[-2]}x{images.shape[-1]} but this tokenizer expects {s}x{s}; "
                 "resize or crop them first (v2flow.data.load_image does it on request)"
             )
+        if not check_values:
+            return
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or inf values")
         lo, hi = float(images.min()), float(images.max())
@@ -330,7 +334,7 @@ class V2FlowTokenizer(nn.Module):
 
     def loss(self, images: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
         """Training loss on a batch of images (B, C, H, W): flow matching on masked patches plus regularisers."""
-        self.check_images(images)
+        self.check_images(images, check_values=False)
         patches = self._patches(images)  # (B, L, P)
         out = self.resampler(self.encoder(patches), generator)
         b = images.shape[0]

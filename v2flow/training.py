@@ -116,7 +116,7 @@ class V2FlowModule(L.LightningModule):
         frac = min(self.global_step / steps, 1.0)
         self.tokenizer.resampler.temperature = start * (end / start) ** frac
 
-    def _step(self, batch, stage: str, batch_idx: int = 0) -> torch.Tensor:
+    def _step(self, batch, stage: str, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         if stage == "train":
             generator = self._generator()
@@ -125,17 +125,17 @@ class V2FlowModule(L.LightningModule):
         out = self.tokenizer.loss(images, generator=generator)
         log = {f"{stage}/{k}": v.detach() for k, v in out.parts.items()}
         log[f"{stage}/loss"] = out.loss.detach()
-        self.log_dict(log, prog_bar=False, sync_dist=stage != "train", batch_size=images.shape[0])
-        self.log(
-            f"{stage}_loss", out.loss.detach(), prog_bar=True, sync_dist=stage != "train", batch_size=images.shape[0]
-        )
-        return out.loss
+        sync = stage != "train"
+        self.log_dict(log, prog_bar=False, sync_dist=sync, batch_size=images.shape[0])
+        self.log(f"{stage}_loss", out.loss.detach(), prog_bar=True, sync_dist=sync, batch_size=images.shape[0])
+        return out.loss, out.indices
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         self._anneal_temperature()
-        loss = self._step(batch, "train")
-        if batch_idx % 50 == 0:
+        loss, indices = self._step(batch, "train")
+        if batch_idx % 50 == 0:  # occasional: counting distinct ids syncs with the device
             self.log("train/temperature", self.tokenizer.resampler.temperature)
+            self.log("train/batch_distinct_ids", float(indices.unique().numel()))
         return loss
 
     def on_validation_epoch_start(self) -> None:
