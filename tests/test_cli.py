@@ -89,6 +89,11 @@ def test_fit_resume_export_and_tools(tmp_path, tiny_run):
     assert main(["export", str(last), str(out)]) == 2, "export over an existing directory must refuse"
     assert main(["export", str(last), str(out), "--overwrite", "--set", "sample_steps=3"]) == 0
     assert V2FlowTokenizer.from_pretrained(out).config["sample_steps"] == 3
+    raw = tmp_path / "export_raw"
+    assert main(["export", str(last), str(raw), "--weights", "current"]) == 0
+    ema_w = tok.encoder.patch_embed.weight
+    raw_w = V2FlowTokenizer.from_pretrained(raw).encoder.patch_embed.weight
+    assert not torch.equal(ema_w, raw_w), "EMA and raw weights must differ after training"
 
     folder = tmp_path / "digits"
     folder.mkdir()

@@ -101,6 +101,7 @@ def tool_main(argv: list[str]) -> int:
     p.add_argument("checkpoint")
     p.add_argument("output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--weights", choices=["ema", "current"], default="ema", help="EMA (default) or raw weights")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override sample_* decode defaults")
 
     p = sub.add_parser("encode", help="image files -> token ids")
@@ -133,7 +134,7 @@ def _export(a: argparse.Namespace) -> int:
     out = Path(a.output)
     if out.exists() and not a.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    tokenizer = tokenizer_from_checkpoint(a.checkpoint)
+    tokenizer = tokenizer_from_checkpoint(a.checkpoint, weights=a.weights)
     for item in a.set:
         key, _, value = item.partition("=")
         if not key.startswith("sample_") or key not in tokenizer.config:

@@ -235,8 +235,15 @@ class V2FlowModule(L.LightningModule):
         }
 
 
-def tokenizer_from_checkpoint(path: str | Path, map_location: str = "cpu") -> V2FlowTokenizer:
-    """Rebuild the trained tokenizer (EMA weights when the run used :class:`EMA`) from a Lightning checkpoint."""
+def tokenizer_from_checkpoint(path: str | Path, map_location: str = "cpu", weights: str = "ema") -> V2FlowTokenizer:
+    """Rebuild the trained tokenizer from a Lightning checkpoint.
+
+    Args:
+        weights: ``"ema"``: the averaged weights when the run used :class:`EMA` (its ``state_dict``), else the
+            raw ones; ``"current"``: the raw training weights.
+    """
+    if weights not in ("ema", "current"):
+        raise ValueError(f"weights must be 'ema' or 'current', got {weights!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -251,7 +258,8 @@ def tokenizer_from_checkpoint(path: str | Path, map_location: str = "cpu") -> V2
             raise ValueError(f"checkpoint {path} has no {key!r}; is it a v2flow training checkpoint?")
     tokenizer = V2FlowTokenizer.from_config(ckpt["v2flow_tokenizer_config"])
     prefix = "tokenizer."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    source = ckpt.get("current_model_state", ckpt["state_dict"]) if weights == "current" else ckpt["state_dict"]
+    state = {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
     meta = ckpt["v2flow_vocab"]
     tokenizer.set_vocabulary(
         LLMVocabulary(
