@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from v2flow.sampling import SOLVERS, masked_flow_sample, reveal_counts, solve_ode, time_grid
+from v2flow.sampling import masked_flow_sample, reveal_counts, solve_ode, time_grid
 from v2flow.velocity import VelocityHead, flow_matching_loss, sample_time, shift_time
 
 A = 0.7  # dx/dt = A * x  =>  x(0) = x(1) * exp(-A)
@@ -74,7 +74,7 @@ def test_masked_flow_sample_reveals_each_patch_once():
     seen = []
 
     def conditions(patches, mask):
-        seen.append(mask.clone())
+        seen.append((patches.clone(), mask.clone()))
         return torch.zeros(*mask.shape, 3), None
 
     out = masked_flow_sample(
@@ -85,20 +85,28 @@ def test_masked_flow_sample_reveals_each_patch_once():
         patch_dim=4,
         num_iters=3,
         num_steps=2,
+        generator=torch.Generator().manual_seed(0),
     )
-    assert out.shape == (2, 10, 4)
-    assert seen[0].all() and len(seen) == 3
-    assert (seen[0].sum(1) > seen[1].sum(1)).all() and (seen[1].sum(1) > seen[2].sum(1)).all()
+    assert out.shape == (2, 10, 4) and len(seen) == 3
+    masks = [m for _, m in seen] + [torch.zeros(2, 10, dtype=torch.bool)]
+    assert masks[0].all()
+    assert all((masks[i + 1] <= masks[i]).all() for i in range(3)), "a revealed patch must stay revealed"
+    revealed = [masks[i] & ~masks[i + 1] for i in range(3)]  # what iteration i revealed
+    assert torch.equal(sum(r.long() for r in revealed), torch.ones(2, 10, dtype=torch.long)), "each patch once"
+    assert [int(r[0].sum()) for r in revealed] == reveal_counts(10, 3)
+    for i in range(1, 3):  # known patches are passed on unchanged (v = 0: each patch is its starting noise)
+        known = ~masks[i]
+        assert torch.equal(seen[i][0][known], out[known])
 
 
 def test_velocity_head_zero_init_and_loss():
     head = VelocityHead(patch_dim=4, cond_dim=8, width=16, depth=2)
-    x, t, c = torch.randn(5, 4), torch.rand(5), torch.randn(5, 8)
-    assert torch.equal(head(x, t, c), torch.zeros(5, 4))
+    x, t, c = 2 * torch.randn(2000, 4), torch.rand(2000), torch.randn(2000, 8)
+    assert torch.equal(head(x, t, c), torch.zeros(2000, 4))
     g = torch.Generator().manual_seed(0)
     loss = flow_matching_loss(head, x, c, batch_mul=3, generator=g)
-    # v = 0 at init: loss = E||noise - x0||^2 = 1 + mean(x0^2) in expectation
-    assert loss.item() == pytest.approx(1 + x.pow(2).mean().item(), rel=0.5)
+    # v = 0 at init: loss = E||noise - x0||^2 = 1 + mean(x0^2) (about 5 here) up to sampling error (~1.5 %)
+    assert loss.item() == pytest.approx(1 + x.pow(2).mean().item(), rel=0.05)
 
 
 @pytest.mark.parametrize("method", ["uniform", "logit_normal"])
@@ -107,7 +115,3 @@ def test_sample_time_range(method):
     assert t.min() > 0 and t.max() < 1
     with pytest.raises(ValueError, match="unknown time sampling"):
         sample_time(3, method="beta")
-
-
-def test_all_solvers_listed():
-    assert set(SOLVERS) == {"euler", "midpoint", "rk4", "dopri5", "flow_match_euler"}

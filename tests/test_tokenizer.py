@@ -98,9 +98,33 @@ def test_cfg_scale_changes_output(tokenizer, images):
     assert not torch.equal(a, b)
 
 
-def test_token_usefulness_reports_gap(tokenizer, images):
-    useful = tokenizer.token_usefulness(images)
-    assert set(useful) == {"flow_loss_true", "flow_loss_shuffled", "shuffle_gap"}
+def test_token_usefulness_gap(tokenizer, images):
+    same = images[:1].expand(3, -1, -1, -1).contiguous()  # identical tokens: shuffling changes nothing
+    assert tokenizer.token_usefulness(same)["shuffle_gap"] == 0.0
+    with torch.no_grad():  # make the velocity depend on the condition, then different tokens must matter
+        for p in tokenizer.head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert tokenizer.token_usefulness(images)["shuffle_gap"] != 0.0
+
+
+def test_all_samples_dropped_gives_finite_loss(images):
+    tok = make_tokenizer(cond_drop_prob=0.999).train()
+    out = tok.loss(images, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss) and out.parts["aux"] == 0
+
+
+def test_untrained_tokenizer_without_vocabulary_refuses(images):
+    tok = V2FlowTokenizer(**TINY)
+    with pytest.raises(RuntimeError, match="no vocabulary rows"):
+        tok.encode(images)
+    with pytest.raises(RuntimeError, match="no vocabulary rows"):
+        tok.loss(images)
+
+
+def test_aux_head_absent_when_unused(images):
+    tok = make_tokenizer(aux_weight=0.0).train()
+    assert tok.patch_predictor is None
+    assert "aux" not in tok.loss(images).parts
 
 
 # ------------------------------------------------------------------ bad input
@@ -158,6 +182,12 @@ def test_constructor_validates():
         V2FlowTokenizer(**{**TINY, "quantizer": "lfq"})
     with pytest.raises(ValueError, match="unknown sample_solver"):
         V2FlowTokenizer(**{**TINY, "sample_solver": "heun"})
+    with pytest.raises(ValueError, match="gumbel=True applies only"):
+        V2FlowTokenizer(**{**TINY, "gumbel": True})
+    with pytest.raises(ValueError, match="sample_iters"):
+        V2FlowTokenizer(**{**TINY, "sample_iters": 5})
+    with pytest.raises(ValueError, match="unknown time_sampling"):
+        V2FlowTokenizer(**{**TINY, "time_sampling": "beta"})
 
 
 def test_unknown_config_key_and_missing_files(tmp_path):

@@ -17,12 +17,21 @@ def test_ema_averages_floats_and_copies_integers():
         EMA(decay=1.0)
 
 
-def test_temperature_anneal_and_step():
+def test_temperature_anneal_is_geometric_and_saved(tmp_path):
     tok = make_tokenizer(estimator="softmax", temperature=0.5)
     module = V2FlowModule(tok, temperature_end=0.05, temperature_anneal_steps=10)
     assert module.tokenizer.vocabulary.llm_name == "tiny-llm", "an installed vocabulary must not be reloaded"
-    module._anneal_temperature()
-    assert tok.resampler.temperature == pytest.approx(0.5)
+    assert module.anneal_temperature(0) == pytest.approx(0.5)
+    assert module.anneal_temperature(5) == pytest.approx(0.5 * 0.1**0.5)
+    assert module.anneal_temperature(10) == pytest.approx(0.05)
+    assert module.anneal_temperature(50) == pytest.approx(0.05)
+    assert tok.resampler.temperature == pytest.approx(0.05)
+    from v2flow import V2FlowTokenizer
+
+    loaded = V2FlowTokenizer.from_pretrained(tok.save_pretrained(tmp_path / "tok"))
+    assert loaded.resampler.temperature == pytest.approx(0.05), "the annealed temperature must be saved"
+    with pytest.raises(ValueError, match="temperature_end"):
+        V2FlowModule(tok, temperature_end=0.0)
 
 
 def test_checkpoint_errors(tmp_path):

@@ -70,6 +70,19 @@ def test_tensor_file_sources(tmp_path):
         assert vocab.token_strings is None
 
 
+def test_tensor_file_subset_keeps_llm_ids(tmp_path):
+    rows, ids = torch.randn(30, 8), torch.arange(1000, 1030)
+    strings = [f"t{i}" for i in range(1000, 1030)]
+    torch.save({"embeddings": rows, "token_ids": ids, "token_strings": strings, "vocab_size": 5000}, tmp_path / "s.pt")
+    vocab = LLMVocabulary.load(str(tmp_path / "s.pt"), num_entries=10)
+    assert vocab.llm_vocab_size == 5000 and vocab.token_ids.min() >= 1000
+    for i, s, row in zip(vocab.token_ids.tolist(), vocab.token_strings, vocab.embeddings, strict=True):
+        assert s == f"t{i}" and torch.equal(row, rows[i - 1000])
+    torch.save({"embeddings": rows, "token_ids": ids[:5]}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="token_ids must be"):
+        LLMVocabulary.load(str(tmp_path / "bad.pt"))
+
+
 def test_farthest_point_is_deterministic_and_spread():
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(500, 16, generator=g)

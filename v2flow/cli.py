@@ -60,6 +60,15 @@ def _decode_kwargs(a: argparse.Namespace, device: str):
     }
 
 
+def _output_stems(files: list[Path]) -> list[str]:
+    """Output names for input files; refuses names that would overwrite each other."""
+    stems = [f.stem for f in files]
+    if len(set(stems)) != len(stems):
+        dup = sorted({s for s in stems if stems.count(s) > 1})[:5]
+        raise ValueError(f"several inputs share the names {dup}; outputs would overwrite each other")
+    return stems
+
+
 def _image_files(inputs: list[str]) -> list[Path]:
     from .data import IMAGE_SUFFIXES, list_images
 
@@ -134,14 +143,22 @@ def _export(a: argparse.Namespace) -> int:
     out = Path(a.output)
     if out.exists() and not a.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    import yaml
+
+    from .tokenizer import V2FlowTokenizer
+
     tokenizer = tokenizer_from_checkpoint(a.checkpoint, weights=a.weights)
+    overrides = {}
     for item in a.set:
         key, _, value = item.partition("=")
         if not key.startswith("sample_") or key not in tokenizer.config:
             raise ValueError(
                 f"--set accepts the decode defaults only: {[k for k in tokenizer.config if k.startswith('sample_')]}"
             )
-        tokenizer.config[key] = type(tokenizer.config[key])(value)
+        overrides[key] = yaml.safe_load(value)
+    if overrides:
+        V2FlowTokenizer.from_config({**tokenizer.config, **overrides})  # validates the new defaults
+        tokenizer.config.update(overrides)
     tokenizer.save_pretrained(out)
     print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
@@ -203,8 +220,8 @@ def _decode(a: argparse.Namespace) -> int:
     ids, names = _read_ids(Path(a.ids))
     images = tokenizer.decode(ids.to(a.device), **_decode_kwargs(a, a.device)).images
     out = Path(a.output)
-    for i, image in enumerate(images):
-        stem = Path(names[i]).stem if names else f"{i:05d}"
+    stems = _output_stems([Path(n) for n in names]) if names else [f"{i:05d}" for i in range(len(images))]
+    for stem, image in zip(stems, images, strict=True):
         save_image(image, out / f"{stem}.png")
     print(json.dumps({"images": len(images), "output": str(out)}))
     return 0
@@ -217,11 +234,12 @@ def _reconstruct(a: argparse.Namespace) -> int:
 
     tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
     files = _image_files(a.inputs)
+    stems = _output_stems(files)
     images = _load_images(files, tokenizer, a.resize).to(a.device)
     out = tokenizer.reconstruct(images, **_decode_kwargs(a, a.device))
     folder = Path(a.output)
-    for f, image in zip(files, out.images, strict=True):
-        save_image(image, folder / f"{f.stem}_recon.png")
+    for stem, image in zip(stems, out.images, strict=True):
+        save_image(image, folder / f"{stem}_recon.png")
     nrow = min(len(files), 16)
     rows = [
         t

@@ -202,8 +202,8 @@ class ImageFileDataset(Dataset):
 
 
 class ImageFolderDataModule(_ImageDataModule):
-    """Any folder of image files (recursive). The sorted file list is split deterministically into
-    train/val/test by `val_fraction` and `test_fraction`.
+    """Any folder of image files (recursive). The sorted file list is shuffled with `split_seed` and split
+    into test / val / train by `test_fraction` and `val_fraction` (a test split of 0 reuses val).
 
     Args:
         root: the folder.
@@ -223,23 +223,29 @@ class ImageFolderDataModule(_ImageDataModule):
         val_fraction: float = 0.05,
         test_fraction: float = 0.0,
         hflip: bool = True,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
-        if not 0 <= val_fraction + test_fraction < 1:
-            raise ValueError(f"val_fraction + test_fraction must be in [0, 1), got {val_fraction + test_fraction}")
+        if not 0 < val_fraction or not 0 <= val_fraction + test_fraction < 1:
+            raise ValueError(
+                f"need 0 < val_fraction and val_fraction + test_fraction < 1, got {val_fraction} and {test_fraction}"
+            )
+        self.split_seed = split_seed
         self.root, self.image_size, self.channels, self.hflip = root, image_size, channels, hflip
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
     def setup(self, stage: str | None = None) -> None:
         files = list_images(self.root)
-        n_val = max(1, round(len(files) * self.val_fraction)) if self.val_fraction else 0
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        files = [files[i] for i in order]  # not the sorted order: sub-folders (classes) would fall in one split
+        n_val = max(1, round(len(files) * self.val_fraction))
         n_test = max(1, round(len(files) * self.test_fraction)) if self.test_fraction else 0
         test, val, train = files[:n_test], files[n_test : n_test + n_val], files[n_test + n_val :]
         if not train:
             raise ValueError(f"image folder {self.root} has {len(files)} files: too few to leave any for training")
         self.train_set = ImageFileDataset(train, self.image_size, self.channels, self.hflip)
-        self.val_set = ImageFileDataset(val or train[:1], self.image_size, self.channels)
-        self.test_set = ImageFileDataset(test or val or train[:1], self.image_size, self.channels)
+        self.val_set = ImageFileDataset(val, self.image_size, self.channels)
+        self.test_set = ImageFileDataset(test or val, self.image_size, self.channels)
 
 
 # ---------------------------------------------------------------------------- scikit-image photographs

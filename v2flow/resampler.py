@@ -42,14 +42,9 @@ class ResamplerOutput:
     losses: dict[str, torch.Tensor]
 
 
-def empty_vocabulary(num_entries: int, dim: int, llm_name: str = "", llm_vocab_size: int = 1) -> LLMVocabulary:
-    """Placeholder rows (zeros) of the right shape; real rows arrive by `load_state_dict` or `set_vocabulary`."""
-    return LLMVocabulary(
-        torch.zeros(num_entries, dim),
-        torch.arange(num_entries),
-        llm_name,
-        max(llm_vocab_size, num_entries),
-    )
+def empty_vocabulary(num_entries: int, dim: int) -> LLMVocabulary:
+    """Placeholder rows (zeros) of the right shape; the real rows arrive with `V2FlowTokenizer.set_vocabulary`."""
+    return LLMVocabulary(torch.zeros(num_entries, dim), torch.arange(num_entries), "", num_entries)
 
 
 class CosineCodebook(nn.Module):
@@ -113,8 +108,7 @@ class VocabularyResampler(nn.Module):
         sample_entropy_weight: weight of the mean per-token entropy (pushes each token to be sharp).
         batch_entropy_weight: weight of the entropy of the batch-mean distribution (pushes usage to spread).
         codebook_size: number of codes for ``quantizer="vq"``.
-        commitment_weight: weight of the vq commitment loss.
-        llm_name, llm_vocab_size: metadata of the vocabulary the rows come from.
+        commitment_weight: weight of the commitment loss (vq, and the projected estimator).
     """
 
     def __init__(
@@ -132,8 +126,6 @@ class VocabularyResampler(nn.Module):
         batch_entropy_weight: float = 0.1,
         codebook_size: int = 4096,
         commitment_weight: float = 0.25,
-        llm_name: str = "",
-        llm_vocab_size: int = 1,
     ) -> None:
         super().__init__()
         if quantizer not in QUANTIZERS:
@@ -142,6 +134,8 @@ class VocabularyResampler(nn.Module):
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if gumbel and (estimator != "softmax" or quantizer != "vocab"):
+            raise ValueError("gumbel=True applies only to estimator='softmax' with quantizer='vocab'")
         self.quantizer = quantizer
         self.estimator = estimator
         self.temperature = temperature
@@ -153,7 +147,7 @@ class VocabularyResampler(nn.Module):
         self.proj = nn.Sequential(nn.Linear(input_dim, input_dim), nn.GELU(), nn.Linear(input_dim, score_dim))
         # "projected": the frozen rows are mapped by one learned linear layer into the scoring space
         self.row_proj = nn.Linear(llm_dim, code_dim, bias=False) if estimator == "projected" else None
-        self.vocabulary = empty_vocabulary(num_entries, llm_dim, llm_name, llm_vocab_size)
+        self.vocabulary = empty_vocabulary(num_entries, llm_dim)
         self.codebook = CosineCodebook(codebook_size=codebook_size, dim=llm_dim) if quantizer == "vq" else None
 
     @property
@@ -175,10 +169,6 @@ class VocabularyResampler(nn.Module):
         """(B, N, D) -> (B, N, c) unit-norm queries."""
         return F.normalize(self.proj(features).float(), dim=-1)
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, N, K) cosine scores / temperature."""
-        return self.queries(features) @ self.unit_table().T / self.temperature
-
     @property
     def embed_dim(self) -> int:
         """Width of what the decoder reads: the code width for ``projected``, else the LLM width."""
@@ -195,6 +185,11 @@ class VocabularyResampler(nn.Module):
         return self.vocabulary.embeddings[indices]
 
     def forward(self, features: torch.Tensor, generator: torch.Generator | None = None) -> ResamplerOutput:
+        # scores stay in float32 under autocast: bf16 cosines (~2^-8) divided by a small temperature flip argmaxes
+        with torch.autocast(features.device.type, enabled=False):
+            return self._forward(features.float(), generator)
+
+    def _forward(self, features: torch.Tensor, generator: torch.Generator | None) -> ResamplerOutput:
         query = self.queries(features)  # (B, N, c)
         table = self.unit_table()  # (K, c)
         logits = query @ table.T / self.temperature  # (B, N, K)

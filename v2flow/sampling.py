@@ -50,7 +50,8 @@ def solve_ode(
         num_steps: steps of the fixed-grid solvers and the scheduler (ignored by ``dopri5``, which is adaptive).
         solver: one of ``SOLVERS``.
         shift: timestep shift of the grid (SD3 convention).
-        rtol, atol: tolerances of ``dopri5``.
+        rtol, atol: tolerances of ``dopri5``. Its adaptive step size is shared by the whole batch, so a sample
+            decoded alone and in a batch can differ by up to the tolerances.
     """
     x1 = x1.float()
 

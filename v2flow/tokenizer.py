@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,7 +29,7 @@ from .layers import patchify, unpatchify
 from .masked_transformer import MaskedTransformer
 from .resampler import VocabularyResampler, perplexity
 from .sampling import SOLVERS, masked_flow_sample
-from .velocity import VelocityHead, flow_matching_loss
+from .velocity import TIME_SAMPLING, VelocityHead, flow_matching_loss
 from .vocab import LLMVocabulary
 
 CONFIG_NAME = "config.json"
@@ -175,12 +174,24 @@ class V2FlowTokenizer(nn.Module):
             raise ValueError(f"unknown sample_solver {sample_solver!r}; choose one of {SOLVERS}")
         if batch_mul < 1:
             raise ValueError(f"batch_mul must be >= 1, got {batch_mul}")
+        if mask_ratio_std <= 0:
+            raise ValueError(f"mask_ratio_std must be > 0, got {mask_ratio_std}")
+        if time_sampling not in TIME_SAMPLING:
+            raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLING}")
+        if sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
+        if sample_solver == "dopri5" and sample_shift != 1.0:
+            raise ValueError("sample_shift changes fixed-step grids only; use sample_shift=1.0 with dopri5")
         self.first_stage = build_first_stage(first_stage, in_channels=in_channels, image_size=image_size)
         latent_size, latent_channels = self.first_stage.latent_size, self.first_stage.latent_channels
         if latent_size % patch_size:
             raise ValueError(f"latent size {latent_size} is not a multiple of patch_size {patch_size}")
         self.num_patches = (latent_size // patch_size) ** 2
         self.patch_dim = latent_channels * patch_size**2
+        if not 1 <= sample_iters <= self.num_patches:
+            raise ValueError(
+                f"sample_iters must be in [1, {self.num_patches}] (the number of patches), got {sample_iters}"
+            )
         self.encoder = QueryEncoder(
             num_patches=self.num_patches,
             patch_dim=self.patch_dim,
@@ -215,13 +226,22 @@ class V2FlowTokenizer(nn.Module):
             cond_drop_prob=cond_drop_prob,
         )
         self.head = VelocityHead(patch_dim=self.patch_dim, cond_dim=decoder_dim, width=head_width, depth=head_depth)
-        self.patch_predictor = nn.Linear(decoder_dim, self.patch_dim)  # auxiliary: condition -> its patch
+        # auxiliary: each patch condition predicts its patch (absent when unused: DDP needs every parameter used)
+        self.patch_predictor = nn.Linear(decoder_dim, self.patch_dim) if aux_weight > 0 else None
+        self.vocabulary_installed = False  # set_vocabulary installs the frozen LLM rows
 
     # ------------------------------------------------------------------ vocabulary
 
     @property
     def vocabulary(self) -> LLMVocabulary:
         return self.resampler.vocabulary
+
+    def _require_vocabulary(self) -> None:
+        if not self.vocabulary_installed:
+            raise RuntimeError(
+                "this tokenizer has no vocabulary rows yet (they are all zeros); load a trained one with "
+                "from_pretrained, or install rows with tokenizer.set_vocabulary(LLMVocabulary.load(...))"
+            )
 
     def set_vocabulary(self, vocabulary: LLMVocabulary) -> None:
         """Install the frozen rows of an LLM vocabulary (shapes must match ``num_entries`` x ``llm_dim``)."""
@@ -233,6 +253,7 @@ class V2FlowTokenizer(nn.Module):
             )
         device = self.vocabulary.embeddings.device
         self.resampler.vocabulary = vocabulary.to(device)
+        self.vocabulary_installed = True
 
     def token_strings(self, ids: torch.Tensor) -> list:
         """LLM token strings of ids (B, N) (``quantizer="vocab"`` only)."""
@@ -334,6 +355,7 @@ class V2FlowTokenizer(nn.Module):
 
     def loss(self, images: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
         """Training loss on a batch of images (B, C, H, W): flow matching on masked patches plus regularisers."""
+        self._require_vocabulary()
         self.check_images(images, check_values=False)
         patches = self._patches(images)  # (B, L, P)
         out = self.resampler(self.encoder(patches), generator)
@@ -343,10 +365,11 @@ class V2FlowTokenizer(nn.Module):
         cond = self.decoder(out.embeddings, patches, mask, drop if self.training else None)  # (B, L, D)
         x0, c = patches[mask], cond[mask]  # (M, P), (M, D)
         parts = {"flow": self._flow_loss(x0, c, generator)}
-        if self.config["aux_weight"] > 0:
-            keep = (mask & ~drop[:, None]) if self.training else mask
-            pred = self.patch_predictor(cond[keep])
-            parts["aux"] = self.config["aux_weight"] * F.mse_loss(pred, patches[keep])
+        if self.patch_predictor is not None:
+            keep = (mask & ~drop[:, None]) if self.training else mask  # (B, L)
+            # a masked mean, not mse_loss on a selection: a batch whose every sample dropped its tokens gives 0, not NaN
+            err = (self.patch_predictor(cond) - patches).pow(2).mean(-1)  # (B, L)
+            parts["aux"] = self.config["aux_weight"] * (err * keep).sum() / keep.sum().clamp_min(1)
         parts.update(out.losses)
         return LossOutput(sum(parts.values()), parts, out.indices)
 
@@ -368,16 +391,22 @@ class V2FlowTokenizer(nn.Module):
     def token_usefulness(self, images: torch.Tensor, seed: int = 0) -> dict[str, float]:
         """How much the decoder relies on the tokens: the flow loss (all patches masked, as at decoding) with the
         true tokens and with tokens shuffled across the batch, under identical noise and times."""
+        self._require_vocabulary()
         self.check_images(images)
-        patches = self._patches(images)
-        indices = self.resampler(self.encoder(patches)).indices
-        mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=images.device)
-        result = {}
-        shuffled = indices.roll(1, dims=0)
-        for name, idx in (("true", indices), ("shuffled", shuffled)):
-            cond = self.decoder(self.resampler.embed(idx), patches, mask)
-            generator = torch.Generator(device=images.device).manual_seed(seed)
-            result[f"flow_loss_{name}"] = float(self._flow_loss(patches[mask], cond[mask], generator))
+        was_training = self.training
+        self.eval()
+        try:
+            patches = self._patches(images)
+            indices = self.resampler(self.encoder(patches)).indices
+            mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=images.device)
+            result = {}
+            shuffled = indices.roll(1, dims=0)
+            for name, idx in (("true", indices), ("shuffled", shuffled)):
+                cond = self.decoder(self.resampler.embed(idx), patches, mask)
+                generator = torch.Generator(device=images.device).manual_seed(seed)
+                result[f"flow_loss_{name}"] = float(self._flow_loss(patches[mask], cond[mask], generator))
+        finally:
+            self.train(was_training)
         result["shuffle_gap"] = result["flow_loss_shuffled"] / max(result["flow_loss_true"], 1e-12) - 1.0
         return result
 
@@ -390,6 +419,7 @@ class V2FlowTokenizer(nn.Module):
         Returns:
             :class:`EncodeOutput` with ids (B, N), indices (B, N), soft_embeddings (B, N, d_llm), probs (B, N, K).
         """
+        self._require_vocabulary()
         self.check_images(images)
         was_training = self.training
         self.eval()
@@ -437,6 +467,7 @@ class V2FlowTokenizer(nn.Module):
         num_iters = cfg["sample_iters"] if num_iters is None else num_iters
         cfg_scale = cfg["sample_cfg"] if cfg_scale is None else cfg_scale
         shift = cfg["sample_shift"] if shift is None else shift
+        self._require_vocabulary()
         indices = self._ids_to_indices(ids)
         device = self.vocabulary.embeddings.device
         embeddings = self.resampler.embed(indices)  # (B, N, d)
@@ -490,16 +521,24 @@ class V2FlowTokenizer(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
+    def current_config(self) -> dict:
+        """The config with the resampler's current temperature (it may have been annealed in training)."""
+        return {**self.config, "temperature": float(self.resampler.temperature)}
+
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and ``vocab.json`` to `path`, atomically: the files go to a
-        temporary sibling directory first, which then replaces `path` in one rename."""
+        """Write ``config.json``, ``model.safetensors`` and ``vocab.json`` to `path`.
+
+        All files are written to a temporary sibling directory first; only when it is complete does it
+        replace `path` (an existing directory is moved aside, the new one renamed in, the old one deleted),
+        so a failure while writing never damages an existing tokenizer."""
+        self._require_vocabulary()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        config = {"_class_name": type(self).__name__, **self.config}
+        config = {"_class_name": type(self).__name__, **self.current_config()}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})

@@ -14,8 +14,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics import MeanMetric
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 
+from .metrics import psnr_per_image
 from .resampler import perplexity
 from .tokenizer import V2FlowTokenizer
 from .utils import save_image_grid
@@ -26,17 +28,17 @@ class EMA(WeightAveraging):
     """Exponential moving average of the weights (Lightning's WeightAveraging).
 
     The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so the average does not keep
-    the random initialisation for thousands of steps. Floating-point parameters and buffers are averaged;
-    integer buffers (the vocabulary's LLM token ids) are copied, never averaged. Validation runs on the
-    averaged weights, and checkpoints store them as ``state_dict`` (the raw weights go to
-    ``current_model_state``, so resuming is exact).
+    the random initialisation for thousands of steps. Parameters are averaged; buffers (the frozen
+    vocabulary rows and their LLM ids, the vq codebook's EMA statistics) are copied from the live model
+    after every update: they are state, not weights. Validation runs on the averaged weights, and
+    checkpoints store them as ``state_dict`` (the raw weights go to ``current_model_state``, so resuming
+    restores both).
     """
 
-    def __init__(self, decay: float = 0.999, update_starting_at_step: int = 0) -> None:
+    def __init__(self, decay: float = 0.999) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.update_starting_at_step = update_starting_at_step
         super().__init__(use_buffers=True, avg_fn=self._average)
 
     def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
@@ -47,7 +49,14 @@ class EMA(WeightAveraging):
         return torch.lerp(averaged, current.to(averaged.dtype), 1.0 - decay)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        return step_idx is not None and step_idx >= self.update_starting_at_step
+        return step_idx is not None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._average_model is not None:
+            with torch.no_grad():
+                for averaged, current in zip(self._average_model.module.buffers(), pl_module.buffers(), strict=True):
+                    averaged.copy_(current)
 
 
 class V2FlowModule(L.LightningModule):
@@ -90,36 +99,42 @@ class V2FlowModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        if tokenizer.vocabulary.llm_name == "":
+        if not tokenizer.vocabulary_installed:
             # the frozen rows must be in place before callbacks (EMA) copy the module
             cfg = tokenizer.config
             tokenizer.set_vocabulary(
                 LLMVocabulary.load(cfg["vocab_source"], cfg["num_entries"], cfg["vocab_selection"])
             )
-        self.psnr = PeakSignalNoiseRatio(data_range=2.0)
+        if temperature_end is not None and temperature_end <= 0:
+            raise ValueError(f"temperature_end must be > 0, got {temperature_end}")
+        self.psnr = MeanMetric()  # mean of per-image PSNR, as benchmarks/reconstruction.py reports it
         self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
         # a plain attribute, not a buffer: the EMA callback swaps every buffer in and out around validation
         self._val_counts = torch.zeros(tokenizer.resampler.num_codes, dtype=torch.long)
 
     # ------------------------------------------------------------------ steps
 
-    def _generator(self) -> torch.Generator:
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        """Per-step random stream: distinct for every step, micro-batch and rank, reproducible across runs."""
         g = torch.Generator(device=self.device)
-        g.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank)
+        g.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 7_919 + batch_idx * 97 + self.global_rank)
         return g
 
-    def _anneal_temperature(self) -> None:
-        end, steps = self.hparams.temperature_end, self.hparams.temperature_anneal_steps
-        if end is None or steps <= 0:
-            return
-        start = self.tokenizer.config["temperature"]
-        frac = min(self.global_step / steps, 1.0)
-        self.tokenizer.resampler.temperature = start * (end / start) ** frac
+    def anneal_temperature(self, step: int) -> float:
+        """Set the resampler's temperature for `step`: geometric from the config value to `temperature_end`."""
+        start, end, steps = (
+            self.tokenizer.config["temperature"],
+            self.hparams.temperature_end,
+            self.hparams.temperature_anneal_steps,
+        )
+        temperature = start if end is None or steps <= 0 else start * (end / start) ** min(step / steps, 1.0)
+        self.tokenizer.resampler.temperature = temperature
+        return temperature
 
     def _step(self, batch, stage: str, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         if stage == "train":
-            generator = self._generator()
+            generator = self._generator(batch_idx)
         else:  # the same masks, times and noise at every validation: comparable numbers across a run
             generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
         out = self.tokenizer.loss(images, generator=generator)
@@ -131,8 +146,8 @@ class V2FlowModule(L.LightningModule):
         return out.loss, out.indices
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        self._anneal_temperature()
-        loss, indices = self._step(batch, "train")
+        self.anneal_temperature(self.global_step)
+        loss, indices = self._step(batch, "train", batch_idx)
         if batch_idx % 50 == 0:  # occasional: counting distinct ids syncs with the device
             self.log("train/temperature", self.tokenizer.resampler.temperature)
             self.log("train/batch_distinct_ids", float(indices.unique().numel()))
@@ -165,7 +180,7 @@ class V2FlowModule(L.LightningModule):
             num_iters=self.hparams.val_num_iters,
             generator=generator,
         ).images
-        self.psnr.update(recon, images)
+        self.psnr.update(psnr_per_image(recon, images))
         self.ssim.update(recon, images)
         if batch_idx == 0:
             useful = self.tokenizer.token_usefulness(images[: max(2, min(len(images), 128))])
@@ -184,7 +199,7 @@ class V2FlowModule(L.LightningModule):
             counts = self.all_gather(counts).sum(0)
         self.log(f"{stage}/distinct_ids", float((counts > 0).sum()), rank_zero_only=True)
         self.log(f"{stage}/perplexity", perplexity(counts), rank_zero_only=True)
-        if self.psnr.update_called:
+        if self.ssim.update_called:
             self.log(f"{stage}/psnr", self.psnr.compute(), prog_bar=True)
             self.log(f"{stage}/ssim", self.ssim.compute())
         self.psnr.reset()
@@ -227,7 +242,7 @@ class V2FlowModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         vocab = self.tokenizer.vocabulary
-        checkpoint["v2flow_tokenizer_config"] = dict(self.tokenizer.config)
+        checkpoint["v2flow_tokenizer_config"] = self.tokenizer.current_config()
         checkpoint["v2flow_vocab"] = {
             "llm_name": vocab.llm_name,
             "llm_vocab_size": vocab.llm_vocab_size,

@@ -32,7 +32,7 @@ def sample_time(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """(n,) training times in (0, 1): uniform, or sigmoid of a normal (logit-normal), then shifted."""
+    """(n,) training times in [0, 1): uniform, or sigmoid of a normal (logit-normal), then shifted."""
     gen_device = generator.device if generator is not None else device
     if method == "uniform":
         t = torch.rand(n, generator=generator, device=gen_device)

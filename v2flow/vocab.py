@@ -6,8 +6,9 @@ Sources accepted by :meth:`LLMVocabulary.load`:
 * a ``.gguf`` file: the ``token_embd.weight`` tensor, dequantised with the ``gguf`` package.
 * a transformers model directory or hub id: ``AutoModel.from_pretrained(...).get_input_embeddings()``
   (``local_files_only`` for a directory).
-* a tensor file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``): a single 2-D tensor, or a dict with an
-  ``embeddings`` tensor and optionally ``token_ids``/``token_strings``.
+* a tensor file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``): a single 2-D tensor (row i is token i), or a
+  dict with an ``embeddings`` tensor and optionally ``token_ids`` (the LLM id of each row, when the table is
+  itself a subset), ``vocab_size`` and, in ``.pt`` files, ``token_strings``.
 
 Tables read from GGUF files and model directories are converted once to safetensors in the cache directory
 ``$V2FLOW_CACHE`` (default ``~/.cache/v2flow``), together with the LLM's tokenizer, so later loads take well
@@ -29,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,10 @@ class _Table:
     special_ids: list[int]
     name: str
     tokenizer_dir: Path | None  # a directory AutoTokenizer can load offline
+    num_tokens: int | None = None  # ids a tokenizer can produce; rows beyond it are padding
+    token_ids: torch.Tensor | None = None  # (V,) LLM ids of the rows when the table is itself a subset
+    token_strings: list[str] | None = None
+    vocab_size: int | None = None  # the LLM's full vocabulary size when the table is a subset
 
 
 class LLMVocabulary(nn.Module):
@@ -141,7 +147,8 @@ class LLMVocabulary(nn.Module):
             raise ValueError(f"unknown selection {selection!r}; choose one of {SELECTIONS}")
         table = _load_table(source)
         special = set(table.special_ids)
-        ordinary = torch.tensor([i for i in range(table.embeddings.shape[0]) if i not in special], dtype=torch.long)
+        usable = min(table.embeddings.shape[0], table.num_tokens or table.embeddings.shape[0])
+        ordinary = torch.tensor([i for i in range(usable) if i not in special], dtype=torch.long)
         if num_entries is None:
             chosen = ordinary
         else:
@@ -151,6 +158,9 @@ class LLMVocabulary(nn.Module):
                     f"choose 1 <= num_entries <= {ordinary.numel()}"
                 )
             chosen = _select(table, ordinary, num_entries, selection)
+        if table.token_ids is not None:  # the table is a subset of an LLM: rows -> that LLM's ids
+            strings = [table.token_strings[i] for i in chosen.tolist()] if table.token_strings else None
+            return cls(table.embeddings[chosen], table.token_ids[chosen], table.name, table.vocab_size, strings)
         strings = _token_strings(table.tokenizer_dir, chosen.tolist()) if table.tokenizer_dir else None
         return cls(table.embeddings[chosen], chosen, table.name, table.embeddings.shape[0], strings)
 
@@ -207,20 +217,23 @@ def _cached(key: str, name: str, reader) -> _Table:
             meta["special_ids"],
             meta["name"],
             tok if tok.exists() else None,
+            meta.get("num_tokens"),
         )
     table, tokenizer = reader()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({"embeddings": table.embeddings.contiguous()}, tmp / "embeddings.safetensors")
-    (tmp / "meta.json").write_text(json.dumps({"name": table.name, "special_ids": table.special_ids}))
+    num_tokens = len(tokenizer) if tokenizer is not None else None
+    meta = {"name": table.name, "special_ids": table.special_ids, "num_tokens": num_tokens}
+    (tmp / "meta.json").write_text(json.dumps(meta))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
-    if target.exists():  # another process finished first
-        shutil.rmtree(tmp)
-    else:
+    try:
         tmp.rename(target)
+    except OSError:  # another process (a DDP rank) finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
     tok = target / "tokenizer"
-    return _Table(table.embeddings, table.special_ids, table.name, tok if tok.exists() else None)
+    return _Table(table.embeddings, table.special_ids, table.name, tok if tok.exists() else None, num_tokens)
 
 
 def _special_ids(tokenizer) -> list[int]:
@@ -247,7 +260,7 @@ def _read_gguf(path: Path, name: str | None = None):
 
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:  # a GGUF without tokenizer metadata still gives a usable table
-        print(f"v2flow: no tokenizer in {path.name} ({err}); token strings will be unavailable")
+        warnings.warn(f"no tokenizer in {path.name} ({err}); token strings will be unavailable", stacklevel=2)
     field = reader.fields.get("general.name")
     if name is None and field is not None:
         name = bytes(field.parts[field.data[0]]).decode()
@@ -282,18 +295,30 @@ def _read_tensor_file(path: Path) -> _Table:
         data = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(data, torch.Tensor):
         data = {"embeddings": data}
-    if "embeddings" not in data:
-        raise ValueError(f"{path} must hold a 2-D tensor or a dict with an 'embeddings' tensor; found {sorted(data)}")
+    if not isinstance(data, dict) or "embeddings" not in data:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} must hold a 2-D tensor or a dict with an 'embeddings' tensor; found {found}")
     embeddings = data["embeddings"].float()
     if embeddings.ndim != 2:
         raise ValueError(f"{path}: embeddings must be 2-D (V, d), got shape {tuple(embeddings.shape)}")
-    return _Table(embeddings, [], path.stem, None)
+    ids = data.get("token_ids")
+    strings = data.get("token_strings")
+    if ids is None:
+        return _Table(embeddings, [], path.stem, None)
+    ids = torch.as_tensor(ids).long()
+    if ids.shape != (embeddings.shape[0],):
+        raise ValueError(f"{path}: token_ids must be ({embeddings.shape[0]},), got {tuple(ids.shape)}")
+    if strings is not None and len(strings) != embeddings.shape[0]:
+        raise ValueError(f"{path}: {len(strings)} token_strings for {embeddings.shape[0]} rows")
+    vocab_size = int(data.get("vocab_size", int(ids.max()) + 1))
+    return _Table(embeddings, [], path.stem, None, token_ids=ids, token_strings=strings, vocab_size=vocab_size)
 
 
 def _select(table: _Table, ordinary: torch.Tensor, k: int, selection: str) -> torch.Tensor:
     if selection == "first":
         return ordinary[:k]
-    key = cache_dir() / "selections" / f"{table.name}-{_table_hash(table.embeddings)}-{selection}-{k}.pt"
+    digest = _table_hash(table.embeddings) + _table_hash(ordinary)  # the candidate set is part of the key
+    key = cache_dir() / "selections" / f"{table.name.replace('/', '--')}-{digest}-{selection}-{k}.pt"
     if key.exists():
         return torch.load(key, weights_only=True)
     chosen = ordinary[farthest_point_indices(table.embeddings[ordinary], k)]
@@ -321,7 +346,7 @@ def farthest_point_indices(rows: torch.Tensor, k: int) -> torch.Tensor:
     unit = F.normalize(rows.float() - rows.float().mean(0), dim=-1)  # (V, d)
     mean_dir = F.normalize(rows.float().mean(0), dim=0)
     first = int((unit @ mean_dir).argmin())
-    distance = torch.full((rows.shape[0],), float("inf"))
+    distance = torch.full((rows.shape[0],), float("inf"), device=rows.device)
     picked = [first]
     for _ in range(k - 1):
         distance = torch.minimum(distance, 1.0 - unit @ unit[picked[-1]])
