@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--solver", choices=SOLVERS, default=None)
     p.add_argument("--num-iters", type=int, default=None)
     p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     a = p.parse_args()
@@ -72,11 +73,21 @@ def main() -> None:
     tok = V2FlowTokenizer.from_pretrained(a.checkpoint)
     images, _ = load_mnist(a.split)
     images = images[: a.limit or len(images)]
-    decode = {"num_steps": a.num_steps, "solver": a.solver, "num_iters": a.num_iters, "cfg_scale": a.cfg_scale}
-    used = {
-        k: (v if v is not None else tok.config[f"sample_{k.replace('num_', '').replace('_scale', '')}"])
-        for k, v in decode.items()
+    decode = {
+        "num_steps": a.num_steps,
+        "solver": a.solver,
+        "num_iters": a.num_iters,
+        "cfg_scale": a.cfg_scale,
+        "temperature": a.temperature,
     }
+    keys = {
+        "num_steps": "steps",
+        "solver": "solver",
+        "num_iters": "iters",
+        "cfg_scale": "cfg",
+        "temperature": "temperature",
+    }
+    used = {k: (v if v is not None else tok.config[f"sample_{keys[k]}"]) for k, v in decode.items()}
     result = {
         "checkpoint": a.checkpoint,
         "split": a.split,
@@ -85,12 +96,13 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1))
     print(
-        "\n| checkpoint | split | images | steps | solver | iters | cfg | PSNR (dB) | SSIM | distinct ids | perplexity | bits/image |"
+        "\n| checkpoint | split | images | steps | solver | iters | cfg | temperature | PSNR (dB) | SSIM | distinct ids "
+        "| perplexity | bits/image |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {a.checkpoint} | {a.split} | {result['num_images']} | {used['num_steps']} | {used['solver']} | {used['num_iters']} | "
-        f"{used['cfg_scale']} | {result['psnr']:.2f} | {result['ssim']:.4f} | {result['distinct_ids']} | "
+        f"{used['cfg_scale']} | {used['temperature']} | {result['psnr']:.2f} | {result['ssim']:.4f} | {result['distinct_ids']} | "
         f"{result['perplexity']:.0f} | {result['bits_per_image']:.0f} |"
     )
 

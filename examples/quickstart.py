@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ def main() -> None:
     if args.skip_training:
         return
     save_dir = out / "runs"
+    sys.argv = sys.argv[:1]  # this script's own options are not Lightning CLI arguments
     cli = lightning_cli(
         [
             "fit",

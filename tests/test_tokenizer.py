@@ -212,3 +212,12 @@ def test_vocabulary_shape_mismatch_is_refused():
     tok = V2FlowTokenizer(**TINY)
     with pytest.raises(ValueError, match="num_entries x llm_dim"):
         tok.set_vocabulary(tiny_vocabulary(16, 24))
+
+
+def test_zero_temperature_is_deterministic(tokenizer, images):
+    ids = tokenizer.encode(images).ids
+    a = tokenizer.decode(ids, temperature=0.0, generator=torch.Generator().manual_seed(1)).images
+    b = tokenizer.decode(ids, temperature=0.0, generator=torch.Generator().manual_seed(2)).images
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="temperature"):
+        tokenizer.decode(ids, temperature=-1.0)

@@ -43,6 +43,7 @@ def _decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-iters", type=int, default=None, help="mask-schedule iterations")
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--shift", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="scale of the starting noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
 
@@ -56,6 +57,7 @@ def _decode_kwargs(a: argparse.Namespace, device: str):
         "num_iters": a.num_iters,
         "cfg_scale": a.cfg_scale,
         "shift": a.shift,
+        "temperature": a.temperature,
         "generator": torch.Generator(device=device).manual_seed(a.seed),
     }
 

@@ -107,6 +107,7 @@ def masked_flow_sample(
     solver: str = "euler",
     cfg_scale: float = 1.0,
     shift: float = 1.0,
+    temperature: float = 1.0,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     generator: torch.Generator | None = None,
@@ -121,6 +122,8 @@ def masked_flow_sample(
         conditions: ``(patches (B, L, P), mask (B, L)) -> (cond (B, L, D), null_cond (B, L, D) or None)``.
         velocity: the velocity head, ``(x (M, P), t (M,), cond (M, D)) -> (M, P)``.
         cfg_scale: guidance scale; 1.0 disables guidance (no unconditional pass).
+        temperature: scale of the starting noise (MAR's sampling temperature): 1 samples the learned
+            distribution, smaller values trade diversity for fidelity to the condition.
     Returns:
         (B, L, P) float32 patches.
     """
@@ -150,7 +153,7 @@ def masked_flow_sample(
             v_cond, v_null = velocity(torch.cat([x, x]), tt, c).chunk(2)
             return v_null + cfg_scale * (v_cond - v_null)
 
-        x1 = torch.randn(batch_size * count, patch_dim, generator=generator, device=gen_device).to(device)
+        x1 = temperature * torch.randn(batch_size * count, patch_dim, generator=generator, device=gen_device).to(device)
         x0 = solve_ode(field, x1, num_steps=num_steps, solver=solver, shift=shift, rtol=rtol, atol=atol)
         patches.scatter_(1, repeat(reveal, "b n -> b n p", p=patch_dim), x0.view(batch_size, count, patch_dim))
         known.scatter_(1, reveal, True)

@@ -111,7 +111,8 @@ class V2FlowTokenizer(nn.Module):
         batch_mul: noise draws per masked patch in the flow loss.
         time_sampling, time_mean, time_std, time_shift: training time distribution (see ``sample_time``).
         aux_weight: weight of the auxiliary loss that makes each patch condition predict its patch.
-        sample_steps, sample_solver, sample_iters, sample_cfg, sample_shift: default decode settings.
+        sample_steps, sample_solver, sample_iters, sample_cfg, sample_shift, sample_temperature: default decode
+            settings (see :meth:`decode`).
     """
 
     def __init__(
@@ -159,6 +160,7 @@ class V2FlowTokenizer(nn.Module):
         sample_iters: int = 1,
         sample_cfg: float = 1.0,
         sample_shift: float = 1.0,
+        sample_temperature: float = 1.0,
     ) -> None:
         config = {k: v for k, v in locals().items() if k in _config_keys()}
         super().__init__()
@@ -178,6 +180,8 @@ class V2FlowTokenizer(nn.Module):
             raise ValueError(f"mask_ratio_std must be > 0, got {mask_ratio_std}")
         if time_sampling not in TIME_SAMPLING:
             raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLING}")
+        if sample_temperature < 0:
+            raise ValueError(f"sample_temperature must be >= 0, got {sample_temperature}")
         if sample_steps < 1:
             raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
         if sample_solver == "dopri5" and sample_shift != 1.0:
@@ -444,6 +448,7 @@ class V2FlowTokenizer(nn.Module):
         num_iters: int | None = None,
         cfg_scale: float | None = None,
         shift: float | None = None,
+        temperature: float | None = None,
         rtol: float = 1e-5,
         atol: float = 1e-5,
         generator: torch.Generator | None = None,
@@ -458,6 +463,7 @@ class V2FlowTokenizer(nn.Module):
             num_iters: mask-schedule iterations (1 = all patches at once).
             cfg_scale: classifier-free guidance scale (1 = none).
             shift: timestep shift of the grid.
+            temperature: scale of the starting noise; < 1 trades diversity for fidelity (0 is deterministic).
             rtol, atol: tolerances of ``dopri5``.
             generator: for reproducible noise and reveal order.
         """
@@ -467,6 +473,9 @@ class V2FlowTokenizer(nn.Module):
         num_iters = cfg["sample_iters"] if num_iters is None else num_iters
         cfg_scale = cfg["sample_cfg"] if cfg_scale is None else cfg_scale
         shift = cfg["sample_shift"] if shift is None else shift
+        temperature = cfg["sample_temperature"] if temperature is None else temperature
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
         self._require_vocabulary()
         indices = self._ids_to_indices(ids)
         device = self.vocabulary.embeddings.device
@@ -494,6 +503,7 @@ class V2FlowTokenizer(nn.Module):
                 solver=solver,
                 cfg_scale=cfg_scale,
                 shift=shift,
+                temperature=temperature,
                 rtol=rtol,
                 atol=atol,
                 generator=generator,
