@@ -97,6 +97,8 @@ class V2FlowModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if temperature_end is not None and temperature_end <= 0:
+            raise ValueError(f"temperature_end must be > 0, got {temperature_end}")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         if not tokenizer.vocabulary_installed:
@@ -105,8 +107,6 @@ class V2FlowModule(L.LightningModule):
             tokenizer.set_vocabulary(
                 LLMVocabulary.load(cfg["vocab_source"], cfg["num_entries"], cfg["vocab_selection"])
             )
-        if temperature_end is not None and temperature_end <= 0:
-            raise ValueError(f"temperature_end must be > 0, got {temperature_end}")
         self.psnr = MeanMetric()  # mean of per-image PSNR, as benchmarks/reconstruction.py reports it
         self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
         # a plain attribute, not a buffer: the EMA callback swaps every buffer in and out around validation
