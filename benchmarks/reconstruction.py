@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -23,7 +22,6 @@ from tqdm import tqdm
 from v2flow import V2FlowTokenizer
 from v2flow.data import load_mnist
 from v2flow.metrics import psnr_per_image
-from v2flow.resampler import perplexity
 from v2flow.sampling import SOLVERS
 
 
@@ -44,10 +42,8 @@ def evaluate(tok: V2FlowTokenizer, images: torch.Tensor, batch_size: int, seed: 
     return {
         "psnr": psnr_sum / len(images),
         "ssim": float(ssim.compute()),
-        "distinct_ids": int((counts > 0).sum()),
+        **tok.usage_from_counts(counts),
         "vocabulary_entries": counts.numel(),
-        "perplexity": perplexity(counts),
-        "bits_per_image": tok.config["num_tokens"] * math.log2(counts.numel()),
         "shuffle_gap": useful["shuffle_gap"],
         "num_images": len(images),
         "seconds": seconds,

@@ -522,7 +522,10 @@ class V2FlowTokenizer(nn.Module):
     @torch.no_grad()
     def usage(self, indices: torch.Tensor) -> dict[str, float]:
         """Vocabulary usage of entry indices (any shape): distinct entries, perplexity, bits per image."""
-        counts = torch.bincount(indices.flatten().cpu(), minlength=self.resampler.num_codes)
+        return self.usage_from_counts(torch.bincount(indices.flatten().cpu(), minlength=self.resampler.num_codes))
+
+    def usage_from_counts(self, counts: torch.Tensor) -> dict[str, float]:
+        """The same statistics from a usage histogram (K,), for callers that accumulate it over batches."""
         return {
             "distinct_ids": int((counts > 0).sum()),
             "perplexity": perplexity(counts),

@@ -18,7 +18,6 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from .metrics import psnr_per_image
-from .resampler import perplexity
 from .tokenizer import V2FlowTokenizer
 from .utils import save_image_grid
 from .vocab import LLMVocabulary
@@ -156,14 +155,13 @@ class V2FlowModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_counts = torch.zeros_like(self._val_counts, device=self.device)
 
+    on_test_epoch_start = on_validation_epoch_start
+
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
-
-    def on_test_epoch_start(self) -> None:
-        self._val_counts = torch.zeros_like(self._val_counts, device=self.device)
 
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -197,8 +195,9 @@ class V2FlowModule(L.LightningModule):
         counts = self._val_counts.clone()
         if self.trainer.world_size > 1:
             counts = self.all_gather(counts).sum(0)
-        self.log(f"{stage}/distinct_ids", float((counts > 0).sum()), rank_zero_only=True)
-        self.log(f"{stage}/perplexity", perplexity(counts), rank_zero_only=True)
+        usage = self.tokenizer.usage_from_counts(counts.cpu())
+        self.log(f"{stage}/distinct_ids", float(usage["distinct_ids"]), rank_zero_only=True)
+        self.log(f"{stage}/perplexity", usage["perplexity"], rank_zero_only=True)
         if self.ssim.update_called:
             self.log(f"{stage}/psnr", self.psnr.compute(), prog_bar=True)
             self.log(f"{stage}/ssim", self.ssim.compute())
