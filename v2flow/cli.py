@@ -2,6 +2,8 @@
 
 * ``v2flow fit|validate|test --config configs/mnist.yaml``: the Lightning CLI (YAML configs with OmegaConf
   interpolation, ``--print_config``, ``--ckpt_path`` to resume).
+* ``v2flow lm fit|validate --config configs/lm_mnist.yaml``: fine-tune a causal LLM to write images.
+* ``v2flow classifier fit|validate|test --config configs/classifier_mnist.yaml``: train the MNIST judge.
 * ``v2flow export``: a Lightning checkpoint -> a pretrained directory (config.json + model.safetensors).
 * ``v2flow encode``: image files -> token ids (JSON or .pt, with the LLM token strings beside them).
 * ``v2flow decode``: token ids -> PNG images.
@@ -18,14 +20,27 @@ from pathlib import Path
 TOOL_COMMANDS = ("export", "encode", "decode", "reconstruct")
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True):
+def lightning_cli(args: list[str] | None = None, run: bool = True, task: str = "tokenizer"):
+    """The Lightning CLI of one training task: ``tokenizer`` (default), ``lm`` or ``classifier``."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    from .training import V2FlowModule
+    if task == "tokenizer":
+        from .training import V2FlowModule as module
+    elif task == "lm":
+        from .lm_training import ImageLMModule as module
+    elif task == "classifier":
+        from .classifier import ClassifierModule as module
+    else:
+        raise ValueError(f"unknown task {task!r}")
 
-    return LightningCLI(
-        V2FlowModule,
+    class CLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            if task == "lm":  # one image tokenizer for the LM and its cached tokens
+                parser.link_arguments("model.image_tokenizer", "data.init_args.image_tokenizer")
+
+    return CLI(
+        module,
         L.LightningDataModule,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
@@ -139,12 +154,51 @@ def tool_main(argv: list[str]) -> int:
     return {"export": _export, "encode": _encode, "decode": _decode, "reconstruct": _reconstruct}[a.command](a)
 
 
+def _checkpoint_kind(path: str) -> str:
+    import torch
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if isinstance(ckpt, dict) and "v2flow_classifier_config" in ckpt:
+        return "classifier"
+    if isinstance(ckpt, dict) and "v2flow_lm_layout" in ckpt:
+        return "lm"
+    return "tokenizer"
+
+
 def _export(a: argparse.Namespace) -> int:
     from .training import tokenizer_from_checkpoint
 
     out = Path(a.output)
     if out.exists() and not a.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    kind = _checkpoint_kind(a.checkpoint)
+    if kind != "tokenizer" and a.set:
+        raise ValueError("--set applies to tokenizer checkpoints only")
+    if kind == "classifier":
+        from .classifier import classifier_from_checkpoint
+
+        classifier_from_checkpoint(a.checkpoint).save_pretrained(out, overwrite=a.overwrite)
+        print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
+        return 0
+    if kind == "lm":
+        import shutil
+
+        from .lm_training import image_lm_from_checkpoint
+
+        staged = image_lm_from_checkpoint(a.checkpoint).save_pretrained(out.with_name(out.name + ".new"))
+        if out.exists():  # swap only once the new copy is complete
+            old = out.rename(out.with_name(out.name + ".old"))
+            staged.rename(out)
+            shutil.rmtree(old)
+        else:
+            staged.rename(out)
+        print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
+        return 0
     import yaml
 
     from .tokenizer import V2FlowTokenizer
@@ -265,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, FileExistsError) as err:
             print(f"v2flow {argv[0]}: error: {err}", file=sys.stderr)
             return 2
+    if argv and argv[0] in ("lm", "classifier"):
+        lightning_cli(argv[1:], task=argv[0])
+        return 0
     lightning_cli(argv)
     return 0
 

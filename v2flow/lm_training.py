@@ -1,0 +1,362 @@
+"""Fine-tuning a causal LLM to write images: the token data module and the LightningModule.
+
+``v2flow lm fit --config configs/lm_mnist.yaml`` trains :class:`ImageLMModule` on
+:class:`MNISTTokenDataModule`: (caption, image-token) pairs whose image tokens were computed once with the
+image tokenizer and cached. The loss is next-token cross-entropy on the image tokens and
+``<|image_end|>`` only. When a judge classifier is given, every validation also writes images from the
+prompts, decodes them and reports prompt-following accuracy (the fraction classified as the prompted
+digit) and a PNG grid (one row per prompt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from .classifier import DigitClassifier
+from .data import load_mnist
+from .llm import ImageLM, load_causal_lm
+from .tokenizer import V2FlowTokenizer
+from .training import warmup_cosine
+from .utils import save_image_grid
+from .vocab import BUNDLED_SMOLLM2, cache_dir
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DEFAULT_CAPTIONS = ("a handwritten digit {word}",)
+
+
+def digit_caption(label: int, template: str = DEFAULT_CAPTIONS[0]) -> str:
+    """The caption of digit `label`; templates may use ``{word}`` ("seven") and ``{digit}`` ("7")."""
+    return template.format(word=DIGIT_WORDS[label], digit=label)
+
+
+# ---------------------------------------------------------------------------- cached image tokens
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_images(
+    tokenizer: V2FlowTokenizer, images: torch.Tensor, batch_size: int = 500, desc: str = "encoding"
+) -> torch.Tensor:
+    """(n, C, H, W) images -> (n, N) image-tokenizer ids, batch by batch with a progress bar."""
+    device = next(tokenizer.parameters()).device
+    out = [
+        tokenizer.encode(chunk.to(device)).ids.cpu()
+        for chunk in tqdm(images.split(batch_size), desc=desc, unit="batch", leave=False)
+    ]
+    return torch.cat(out)
+
+
+def cached_mnist_tokens(image_tokenizer: str | os.PathLike, split: str, limit: int = 0, batch_size: int = 500) -> dict:
+    """Image-tokenizer ids of (the first `limit` images of) an MNIST split, computed once and cached beside
+    the vocabularies.
+
+    The cache key is the digest of the tokenizer's weights (and the limit), so retraining or re-exporting
+    invalidates it.
+
+    Returns:
+        ``{"ids": (n, N) int32, "labels": (n,) int64}``.
+    """
+    path = Path(image_tokenizer)
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing; image_tokenizer must be a V2FlowTokenizer directory")
+    target = cache_dir() / "tokens" / f"mnist-{split}-{limit or 'all'}-{_file_digest(weights)}.pt"
+    if target.exists():
+        return torch.load(target, weights_only=True)
+    tokenizer = V2FlowTokenizer.from_pretrained(path)
+    images, labels = load_mnist(split)
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    ids = encode_images(tokenizer, images, batch_size, desc=f"encoding MNIST {split}")
+    payload = {"ids": ids.to(torch.int32), "labels": labels}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    tmp.replace(target)
+    return payload
+
+
+class MNISTTokenDataModule(L.LightningDataModule):
+    """(image-token ids, caption) pairs from bundled MNIST.
+
+    Args:
+        image_tokenizer: a pretrained :class:`V2FlowTokenizer` directory; its ids are cached per split.
+        batch_size, eval_batch_size, num_workers: DataLoader settings.
+        captions: caption templates (``{word}``, ``{digit}``); training draws one per sample, evaluation
+            uses the first.
+        train_limit, val_limit: use only the first n pairs of a split (0 = all).
+    """
+
+    def __init__(
+        self,
+        image_tokenizer: str = "checkpoints/mnist-smollm2-32",
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        captions: list[str] | None = None,
+        train_limit: int = 0,
+        val_limit: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        captions = list(captions or DEFAULT_CAPTIONS)
+        for template in captions:
+            try:
+                digit_caption(0, template)
+            except (KeyError, IndexError) as err:
+                raise ValueError(f"caption template {template!r} may only use {{word}} and {{digit}}") from err
+        self.image_tokenizer = image_tokenizer
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.captions = captions
+        self.limits = {"train": train_limit, "val": val_limit}
+        self.sets: dict[str, TensorDataset] = {}
+
+    def prepare_data(self) -> None:
+        for split in ("train", "val"):
+            cached_mnist_tokens(self.image_tokenizer, split, self.limits[split])
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val"):
+            data = cached_mnist_tokens(self.image_tokenizer, split, self.limits[split])
+            self.sets[split] = TensorDataset(data["ids"].long(), data["labels"])
+
+    def _collate(self, train: bool):
+        def collate(items):
+            ids = torch.stack([i for i, _ in items])  # (B, N)
+            labels = [int(label) for _, label in items]
+            if train and len(self.captions) > 1:
+                picks = torch.randint(len(self.captions), (len(labels),)).tolist()
+            else:
+                picks = [0] * len(labels)
+            return ids, [digit_caption(y, self.captions[p]) for y, p in zip(labels, picks, strict=True)]
+
+        return collate
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.sets:
+            raise RuntimeError("call setup() first")
+        return DataLoader(
+            self.sets[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            collate_fn=self._collate(train),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+
+# ---------------------------------------------------------------------------- the LightningModule
+
+
+class ImageLMModule(L.LightningModule):
+    """Fine-tunes a causal LM to write a :class:`V2FlowTokenizer`'s images (every weight trained).
+
+    The LM is loaded and extended in :meth:`configure_model` (no I/O in the constructor), so the module is
+    cheap to build and the Trainer decides where the weights go.
+
+    Args:
+        llm: ``"smollm2"`` (bundled), an LM directory or a hub id.
+        image_tokenizer: a pretrained :class:`V2FlowTokenizer` directory.
+        vocab_mode: ``"shared"`` or ``"new"`` (see :mod:`v2flow.llm`).
+        init: ``"vocab"`` or ``"random"``: how new rows start in ``"new"`` mode.
+        lr, weight_decay, betas: AdamW settings.
+        warmup_steps, min_lr_ratio: the warm-up + cosine schedule.
+        gradient_checkpointing: trade compute for activation memory.
+        judge: a :class:`DigitClassifier` directory; enables prompt-following accuracy at validation.
+        eval_samples_per_digit: images written per digit at each validation (0 disables generation).
+        eval_temperature, eval_top_k: sampling settings of those generations.
+        decode_steps: ODE steps when decoding generated tokens.
+        seed: seeds the random init of new rows and the evaluation generations.
+    """
+
+    def __init__(
+        self,
+        llm: str = BUNDLED_SMOLLM2,
+        image_tokenizer: str = "checkpoints/mnist-smollm2-32",
+        vocab_mode: str = "shared",
+        init: str = "vocab",
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+        judge: str | None = None,
+        eval_samples_per_digit: int = 0,
+        eval_temperature: float = 1.0,
+        eval_top_k: int | None = None,
+        decode_steps: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        from .llm import INITS, VOCAB_MODES
+
+        if vocab_mode not in VOCAB_MODES:
+            raise ValueError(f"unknown vocab_mode {vocab_mode!r}; choose one of {VOCAB_MODES}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+        if vocab_mode == "shared" and init != "vocab":
+            raise ValueError("init applies to vocab_mode='new' only")
+        if eval_samples_per_digit and judge is None:
+            raise ValueError("eval_samples_per_digit > 0 needs a judge classifier directory")
+        if eval_temperature <= 0:
+            raise ValueError(f"eval_temperature must be > 0, got {eval_temperature}")
+        self.save_hyperparameters()
+        self.image_lm: ImageLM | None = None
+        self.lm: torch.nn.Module | None = None
+        self.image_tokenizer: V2FlowTokenizer | None = None
+        self.judge: DigitClassifier | None = None
+
+    def configure_model(self) -> None:
+        if self.lm is not None:
+            return
+        hp = self.hparams
+        image_tokenizer = V2FlowTokenizer.from_pretrained(hp.image_tokenizer).requires_grad_(False)
+        model, text_tokenizer = load_causal_lm(hp.llm)
+        generator = torch.Generator().manual_seed(hp.seed)
+        self.image_lm = ImageLM.extend(model, text_tokenizer, image_tokenizer, hp.vocab_mode, hp.init, generator)
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.lm = model
+        self.image_tokenizer = image_tokenizer.eval()
+        if hp.judge is not None:
+            self.judge = DigitClassifier.from_pretrained(hp.judge).requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ steps
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        ids, captions = batch
+        inputs = self.image_lm.build_batch(captions, ids)
+        out = self.lm(**inputs)
+        with torch.no_grad():
+            targets = inputs["labels"][:, 1:]
+            scored = targets != -100
+            hits = (out.logits[:, :-1].argmax(-1) == targets) & scored
+            accuracy = hits.sum() / scored.sum()
+        sync = stage != "train"
+        self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, sync_dist=sync, batch_size=len(captions))
+        self.log(f"{stage}/token_accuracy", accuracy, sync_dist=sync, batch_size=len(captions))
+        return out.loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        k = self.hparams.eval_samples_per_digit
+        if not k or self.trainer.sanity_checking:
+            return
+        result = self.write_digits(k, seed=self.hparams.seed)
+        self.log("val/prompt_accuracy", result["accuracy"], prog_bar=True, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            root = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "generations"
+            save_image_grid(result["images"], root / f"step{self.global_step:07d}.png", nrow=k)
+
+    @torch.no_grad()
+    def write_digits(
+        self,
+        per_digit: int,
+        seed: int = 0,
+        batch_size: int = 100,
+        temperature: float | None = None,
+        top_k: int | None = None,
+    ) -> dict[str, Any]:
+        """Write `per_digit` images for each of the ten digit prompts, decode and (with a judge) classify.
+
+        Returns:
+            ``images`` (10 * per_digit, C, H, W) ordered by digit, ``labels``, ``predictions`` (or None),
+            ``accuracy`` (fraction classified as the prompted digit, or NaN without a judge).
+        """
+        temperature = self.hparams.eval_temperature if temperature is None else temperature
+        top_k = self.hparams.eval_top_k if top_k is None else top_k
+        labels = torch.arange(10).repeat_interleave(per_digit)
+        prompts = [digit_caption(int(y)) for y in labels]
+        images = []
+        for i in range(0, len(prompts), batch_size):
+            out = self.image_lm.generate(
+                prompts[i : i + batch_size], seed=seed + i, do_sample=True, temperature=temperature, top_k=top_k
+            )
+            g = torch.Generator(device=self.device).manual_seed(seed + i)
+            images.append(self.image_tokenizer.decode(out.ids, num_steps=self.hparams.decode_steps, generator=g).images)
+        images = torch.cat(images)
+        if self.judge is None:
+            return {"images": images, "labels": labels, "predictions": None, "accuracy": float("nan")}
+        predictions = self.judge.predict(images).cpu()
+        return {
+            "images": images,
+            "labels": labels,
+            "predictions": predictions,
+            "accuracy": float((predictions == labels).float().mean()),
+        }
+
+    # ------------------------------------------------------------------ optimiser and checkpoints
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay = [p for p in self.lm.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.lm.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = warmup_cosine(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def state_dict(self, *args, **kwargs):
+        # only the LM is trained: the image tokenizer and the judge reload from their directories
+        return self.lm.state_dict(*args, prefix="lm.", **{k: v for k, v in kwargs.items() if k != "prefix"})
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.configure_model()
+        prefix = "lm."
+        return self.lm.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=strict, assign=assign
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from dataclasses import asdict
+
+        checkpoint["v2flow_lm_layout"] = asdict(self.image_lm.layout)
+
+
+def image_lm_from_checkpoint(path: str | os.PathLike) -> ImageLM:
+    """Rebuild the fine-tuned :class:`ImageLM` from an :class:`ImageLMModule` checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "v2flow_lm_layout" not in ckpt:
+        raise ValueError(f"{path} is not an ImageLMModule checkpoint (no 'v2flow_lm_layout')")
+    hparams = dict(ckpt["hyper_parameters"])
+    hparams.pop("_instantiator", None)
+    module = ImageLMModule(**hparams)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.image_lm
