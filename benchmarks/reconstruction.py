@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--num-iters", type=int, default=None)
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--shift", type=float, default=None, help="timestep shift of the ODE grid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     a = p.parse_args()
@@ -75,6 +76,7 @@ def main() -> None:
         "num_iters": a.num_iters,
         "cfg_scale": a.cfg_scale,
         "temperature": a.temperature,
+        "shift": a.shift,
     }
     keys = {
         "num_steps": "steps",
@@ -82,6 +84,7 @@ def main() -> None:
         "num_iters": "iters",
         "cfg_scale": "cfg",
         "temperature": "temperature",
+        "shift": "shift",
     }
     used = {k: (v if v is not None else tok.config[f"sample_{keys[k]}"]) for k, v in decode.items()}
     result = {
@@ -92,13 +95,13 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1))
     print(
-        "\n| checkpoint | split | images | steps | solver | iters | cfg | temperature | PSNR (dB) | SSIM | distinct ids "
+        "\n| checkpoint | split | images | steps | solver | iters | cfg | temperature | shift | PSNR (dB) | SSIM | distinct ids "
         "| perplexity | bits/image |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {a.checkpoint} | {a.split} | {result['num_images']} | {used['num_steps']} | {used['solver']} | {used['num_iters']} | "
-        f"{used['cfg_scale']} | {used['temperature']} | {result['psnr']:.2f} | {result['ssim']:.4f} | {result['distinct_ids']} | "
+        f"{used['cfg_scale']} | {used['temperature']} | {used['shift']} | {result['psnr']:.2f} | {result['ssim']:.4f} | {result['distinct_ids']} | "
         f"{result['perplexity']:.0f} | {result['bits_per_image']:.0f} |"
     )
 
