@@ -56,6 +56,7 @@ def run(setting: str, a: argparse.Namespace, real: torch.Tensor, judge: DigitCla
         f"--model.vocab_mode={mode}",
         f"--model.init={init}",
         f"--model.lr={a.lr}",
+        f"--model.warmup_steps={a.warmup_steps}",
         f"--data.init_args.batch_size={a.batch_size}",
         "--model.eval_samples_per_digit=0",
         f"--seed_everything={a.seed}",
@@ -117,6 +118,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--per-digit", type=int, default=100, help="generations per digit prompt")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -144,6 +146,7 @@ def main() -> None:
         "max_steps": a.max_steps,
         "batch_size": a.batch_size,
         "lr": a.lr,
+        "warmup_steps": a.warmup_steps,
         "generations_per_digit": a.per_digit,
         "temperature": a.temperature,
         "top_k": a.top_k,

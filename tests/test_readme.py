@@ -16,3 +16,6 @@ def test_readme_python_example_runs(monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["out"].ids.shape == (8, 32)
     assert namespace["recon"].shape == (8, 1, 32, 32)
+    # the LLM example: real SmolLM2, shared vocabulary, a constrained generation the tokenizer decodes
+    assert namespace["image_lm"].parse(namespace["batch"]["input_ids"]).tolist() == namespace["ids"].tolist()
+    assert namespace["drawn"].shape == (1, 1, 32, 32)
