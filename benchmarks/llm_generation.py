@@ -157,8 +157,10 @@ def main() -> None:
     }
     (a.out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
-    print("\n| setting | steps | train s | final loss | val token acc | prompt acc | FD (real floor "
-          f"{floor:.2f}) |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| setting | steps | train s | final loss | val token acc | prompt acc | FD (real floor "
+        f"{floor:.2f}) |\n|---|---|---|---|---|---|---|"
+    )
     for r in results:
         print(
             f"| {r['setting']} | {r['steps']} | {r['train_seconds']:.0f} | {r['final_train_loss']:.3f} | "

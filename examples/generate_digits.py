@@ -45,7 +45,13 @@ def main() -> None:
     if a.image_lm is not None:
         image_lm = ImageLM.from_pretrained(a.image_lm)
     else:
-        args = ["fit", "--config", a.config, f"--model.vocab_mode={a.vocab_mode}", f"--model.image_tokenizer={a.tokenizer}"]
+        args = [
+            "fit",
+            "--config",
+            a.config,
+            f"--model.vocab_mode={a.vocab_mode}",
+            f"--model.image_tokenizer={a.tokenizer}",
+        ]
         args += [f"--trainer.default_root_dir={a.out}", f"--trainer.logger.init_args.save_dir={a.out}"]
         if a.max_steps is not None:
             args += [f"--trainer.max_steps={a.max_steps}", f"--trainer.val_check_interval={a.max_steps}"]
@@ -57,7 +63,11 @@ def main() -> None:
     tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer)
     prompts = [digit_caption(d) for d in range(10) for _ in range(a.per_digit)]
     out = image_lm.generate(prompts, seed=a.seed, do_sample=True, temperature=a.temperature)
-    print("first image of 'a handwritten digit zero' as SmolLM2 tokens:", tokenizer.token_strings(out.ids[:1])[0][:8], "...")
+    print(
+        "first image of 'a handwritten digit zero' as SmolLM2 tokens:",
+        tokenizer.token_strings(out.ids[:1])[0][:8],
+        "...",
+    )
     images = tokenizer.decode(out.ids, generator=torch.Generator().manual_seed(a.seed)).images
     grid = save_image_grid(images, a.out / "digits.png", nrow=a.per_digit)
     report = {"prompts": [digit_caption(d) for d in range(10)], "per_digit": a.per_digit, "grid": str(grid)}

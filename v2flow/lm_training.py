@@ -241,7 +241,7 @@ class ImageLMModule(L.LightningModule):
         self.image_lm = ImageLM.extend(model, text_tokenizer, image_tokenizer, hp.vocab_mode, hp.init, generator)
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.lm = model
+        self.lm = model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes
         self.image_tokenizer = image_tokenizer.eval()
         if hp.judge is not None:
             self.judge = DigitClassifier.from_pretrained(hp.judge).requires_grad_(False).eval()
