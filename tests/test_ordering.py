@@ -1,0 +1,120 @@
+"""The token <-> noise-level schedule of ordered tokens, and prefix lengths for nested truncation."""
+
+import pytest
+import torch
+
+from v2flow.ordering import OrderSchedule, sample_prefix_lengths
+
+
+@pytest.mark.parametrize("num_tokens", [1, 4, 32, 512])
+def test_token_times_run_from_noise_to_data(num_tokens):
+    times = OrderSchedule(num_tokens).token_times()
+    assert times.shape == (num_tokens,)
+    assert times[0] == 1.0  # token 0, the coarsest, is in play from pure noise on
+    assert bool((times[1:] < times[:-1]).all())  # strictly later (cleaner) for every next token
+    assert bool((times > 0).all())
+
+
+@pytest.mark.parametrize("stages", [(16, 48, 72, 184, 192), (1,), (1, 1, 1, 1), (5, 1, 0.5)])
+def test_visible_prefix_is_monotone_with_fixed_endpoints(stages):
+    schedule = OrderSchedule(32, stages)
+    t = torch.linspace(1.0, 0.0, 2001)
+    k = schedule.num_visible(t)
+    assert k[0] == 1 and k[-1] == 32  # one token at pure noise, all of them at the data
+    assert bool((k[1:] >= k[:-1]).all())  # the prefix only grows as the noise goes away
+    # each token becomes visible exactly at its entry time
+    assert schedule.num_visible(schedule.token_times()).tolist() == list(range(1, 33))
+
+
+def test_selftok_default_stage_boundaries():
+    schedule = OrderSchedule(512)
+    boundaries = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+    # 16, 48, 72, 184, 192 tokens over the five fifths from noise to clean (token 0 enters at t = 1)
+    assert schedule.num_visible(boundaries).tolist() == [1, 17, 65, 137, 321, 512]
+    assert schedule.token_fraction(torch.tensor([1.0, 0.8, 0.0])).tolist() == pytest.approx([0.0, 16 / 512, 1.0])
+    # float32 and float64 noise levels agree at the boundaries
+    assert schedule.num_visible(boundaries.double()).tolist() == [1, 17, 65, 137, 321, 512]
+
+
+def test_visibility_mask_is_a_prefix():
+    mask = OrderSchedule(8, (1, 1)).visibility(torch.tensor([1.0, 0.5, 0.25, 0.0]))
+    assert mask.tolist() == [[i < k for i in range(8)] for k in (1, 5, 7, 8)]
+
+
+def test_bad_schedules_are_refused():
+    with pytest.raises(ValueError, match="positive token share"):
+        OrderSchedule(8, (1, 0, 1))
+    with pytest.raises(ValueError, match="non-empty"):
+        OrderSchedule(8, ())
+    with pytest.raises(ValueError, match="num_tokens"):
+        OrderSchedule(0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        OrderSchedule(8).token_fraction(torch.tensor([1.5]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        OrderSchedule(8).num_visible(torch.tensor([-0.1]))
+
+
+@pytest.mark.parametrize("mode", ["uniform", "pow2"])
+def test_prefix_lengths(mode):
+    g = torch.Generator().manual_seed(0)
+    lengths = sample_prefix_lengths(4000, 32, mode, generator=g)
+    assert lengths.min() >= 1 and lengths.max() <= 32
+    allowed = set(range(1, 33)) if mode == "uniform" else {1, 2, 4, 8, 16, 32}
+    assert set(lengths.tolist()) == allowed  # every allowed length is drawn, nothing else
+    again = sample_prefix_lengths(4000, 32, mode, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(lengths, again)
+    assert sample_prefix_lengths(5, 24, "pow2", generator=g).max() <= 24
+    with pytest.raises(ValueError, match="unknown prefix sampling"):
+        sample_prefix_lengths(4, 32, "log")
+
+
+def tiny_decoder(truncation: bool = False):
+    from v2flow.masked_transformer import MaskedTransformer
+
+    torch.manual_seed(0)
+    return MaskedTransformer(
+        num_patches=6,
+        patch_dim=4,
+        num_tokens=5,
+        token_dim=3,
+        hidden_dim=16,
+        encoder_depth=2,
+        decoder_depth=2,
+        num_heads=2,
+        truncation=truncation,
+    ).eval()
+
+
+@pytest.mark.parametrize("all_masked", [True, False])
+def test_hidden_tokens_have_no_effect_on_the_decoder(all_masked):
+    decoder = tiny_decoder()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 5, 3, generator=g)
+    patches = torch.randn(3, 6, 4, generator=g)
+    mask = torch.ones(3, 6, dtype=torch.bool) if all_masked else torch.arange(6).repeat(3, 1) < 4
+    visible = OrderSchedule(5, (1, 1)).visibility(torch.tensor([1.0, 0.5, 0.0]))  # prefixes of 1, 3 and 5
+    out = decoder(tokens, patches, mask, token_mask=visible)
+    changed = torch.where(visible[..., None], tokens, torch.randn(tokens.shape, generator=g) * 10)
+    assert torch.equal(decoder(changed, patches, mask, token_mask=visible), out)
+    # and visible tokens do matter
+    changed_visible = tokens.clone()
+    changed_visible[:, 0] += 1.0
+    assert not torch.allclose(decoder(changed_visible, patches, mask, token_mask=visible), out)
+    # no mask is the unmasked model
+    full = torch.ones(3, 5, dtype=torch.bool)
+    assert torch.allclose(decoder(tokens, patches, mask, token_mask=full), decoder(tokens, patches, mask), atol=1e-6)
+
+
+def test_truncated_tokens_are_replaced_by_the_truncation_token():
+    decoder = tiny_decoder(truncation=True)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randn(2, 5, 3, generator=g)
+    patches = torch.randn(2, 6, 4, generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    keep = torch.arange(5)[None] < torch.tensor([[2], [4]])
+    out = decoder(tokens, patches, mask, token_keep=keep)
+    changed = torch.where(keep[..., None], tokens, torch.randn(tokens.shape, generator=g))
+    assert torch.equal(decoder(changed, patches, mask, token_keep=keep), out)
+    assert not torch.allclose(out, decoder(tokens, patches, mask))  # the truncation token is seen
+    with pytest.raises(ValueError, match="truncation=True"):
+        tiny_decoder()(tokens, patches, mask, token_keep=keep)
