@@ -70,7 +70,7 @@ def run(setting: str, a: argparse.Namespace, real: torch.Tensor, judge: DigitCla
     start = time.perf_counter()
     result = module.write_digits(a.per_digit, seed=a.seed, temperature=a.temperature, top_k=a.top_k)
     generate_s = time.perf_counter() - start
-    images, labels = result["images"], result["labels"]
+    images, labels = result["images"].cpu(), result["labels"]
     predictions = judge.predict(images)
     per_digit = [float((predictions[labels == d] == d).float().mean()) for d in range(10)]
     grid_rows = torch.cat([images[labels == d][: a.grid_columns] for d in range(10)])

@@ -87,6 +87,11 @@ def test_lm_fit_checkpoint_exports_and_reloads(assets):
         assert torch.equal(a, b)
     out = loaded.generate([digit_caption(3)], seed=0)
     assert out.ids.shape == (1, TINY["num_tokens"])
+    # a checkpoint whose layout no longer matches the image tokenizer is refused
+    state["v2flow_lm_layout"]["lm_ids"] = state["v2flow_lm_layout"]["lm_ids"][::-1]
+    torch.save(state, root / "moved.ckpt")
+    with pytest.raises(ValueError, match="another token layout"):
+        image_lm_from_checkpoint(root / "moved.ckpt")
     # resuming continues from the saved step
     cli = lightning_cli(
         lm_args(assets, "--trainer.max_steps=3", "--trainer.val_check_interval=3", f"--ckpt_path={ckpt}"), task="lm"

@@ -118,3 +118,94 @@ def test_truncated_tokens_are_replaced_by_the_truncation_token():
     assert not torch.allclose(out, decoder(tokens, patches, mask))  # the truncation token is seen
     with pytest.raises(ValueError, match="truncation=True"):
         tiny_decoder()(tokens, patches, mask, token_keep=keep)
+
+
+# ---------------------------------------------------------------------------- the ordered tokenizer
+
+
+def ordered_tokenizer(**overrides):
+    from conftest import make_tokenizer
+
+    return make_tokenizer(**{"token_order": "ordered", "order_stages": [1, 3], "truncation_prob": 0.5, **overrides})
+
+
+def tiny_images(n=3, seed=1):
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_ordered_training_loss_backpropagates():
+    tok = ordered_tokenizer().train()
+    out = tok.loss(tiny_images(4), generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert tok.decoder.truncation_token.grad is not None  # nested truncation reached the truncation token
+
+
+@pytest.mark.parametrize("truncation_prob", [0.0, 0.5])
+def test_every_prefix_decodes(truncation_prob):
+    tok = ordered_tokenizer(truncation_prob=truncation_prob)
+    ids = tok.encode(tiny_images()).ids  # (3, 4)
+    for k in range(1, 5):
+        a = tok.decode(ids[:, :k], num_steps=2, generator=torch.Generator().manual_seed(0)).images
+        b = tok.decode(ids[:, :k], num_steps=2, generator=torch.Generator().manual_seed(0)).images
+        assert a.shape == (3, 1, 8, 8) and torch.equal(a, b)
+
+
+def test_ordered_decode_runs_the_transformer_once_per_stretch_not_per_step():
+    tok = ordered_tokenizer()
+    ids = tok.encode(tiny_images()).ids
+    calls = []
+    handle = tok.decoder.register_forward_hook(lambda *_: calls.append(1))
+    stretches = tok.config["num_tokens"]  # N - 1 entry times cut [1, 0] into N stretches
+    for steps, iters in ((1, 1), (8, 1), (8, 2)):
+        calls.clear()
+        tok.decode(ids, num_steps=steps, num_iters=iters, generator=torch.Generator().manual_seed(0))
+        assert len(calls) == stretches * iters
+    handle.remove()
+
+
+def test_prefix_tokens_beyond_the_prefix_do_not_matter_in_ordered_mode():
+    tok = ordered_tokenizer(truncation_prob=0.0)  # the tail of a prefix is hidden
+    ids = tok.encode(tiny_images()).ids
+    other = tok.vocabulary.token_ids[torch.randperm(32, generator=torch.Generator().manual_seed(0))[:4]]
+    changed = torch.cat([ids[:, :2], other[None, 2:].expand(3, 2)], dim=1)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    # decoding the prefix never reads the tail, whatever it was
+    assert torch.equal(tok.decode(ids[:, :2], generator=g()).images, tok.decode(changed[:, :2], generator=g()).images)
+
+
+def test_ordered_mode_round_trips_through_save_pretrained(tmp_path):
+    from v2flow import V2FlowTokenizer
+
+    tok = ordered_tokenizer()
+    tok.save_pretrained(tmp_path / "ordered")
+    loaded = V2FlowTokenizer.from_pretrained(tmp_path / "ordered")
+    assert loaded.config["token_order"] == "ordered" and loaded.config["order_stages"] == [1, 3]
+    assert loaded.schedule.stage_tokens == (1.0, 3.0)
+    ids = tok.encode(tiny_images()).ids
+    for k in (2, 4):
+        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        assert torch.equal(
+            tok.decode(ids[:, :k], generator=g()).images, loaded.decode(ids[:, :k], generator=g()).images
+        )
+
+
+def test_bad_prefixes_are_refused():
+    from conftest import make_tokenizer
+
+    tok = ordered_tokenizer()
+    ids = tok.encode(tiny_images()).ids
+    with pytest.raises(ValueError, match="longer than this tokenizer's N = 4"):
+        tok.decode(torch.cat([ids, ids[:, :1]], dim=1))
+    with pytest.raises(ValueError, match="empty prefix"):
+        tok.decode(ids[:, :0])
+    unordered = make_tokenizer()
+    with pytest.raises(ValueError, match="allow_truncation=True"):
+        unordered.decode(ids[:, :2])
+    assert unordered.decode(ids[:, :2], allow_truncation=True).images.shape == (3, 1, 8, 8)
+    with pytest.raises(ValueError, match="unknown token_order"):
+        make_tokenizer(token_order="sorted")
+    with pytest.raises(ValueError, match="ordered' only"):
+        make_tokenizer(order_stages=[1, 2])
+    with pytest.raises(ValueError, match="truncation_prob"):
+        make_tokenizer(truncation_prob=1.5)

@@ -73,7 +73,7 @@ def test_reveal_counts_bad():
 def test_masked_flow_sample_reveals_each_patch_once():
     seen = []
 
-    def conditions(patches, mask):
+    def conditions(patches, mask, t):
         seen.append((patches.clone(), mask.clone()))
         return torch.zeros(*mask.shape, 3), None
 

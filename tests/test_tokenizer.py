@@ -155,7 +155,8 @@ def test_images_are_not_silently_clipped(tokenizer):
     "ids, match",
     [
         (torch.zeros(2, 4), "integer"),
-        (torch.zeros(2, 5, dtype=torch.long), r"shape \(B, 4\)"),
+        (torch.zeros(2, 5, dtype=torch.long), "longer than this tokenizer.s N = 4"),
+        (torch.zeros(2, 4, 1, dtype=torch.long), r"shape \(B, 4\)"),
         (torch.full((2, 4), 10_000), "not token ids"),
         (torch.full((2, 4), -1), "not token ids"),
     ],

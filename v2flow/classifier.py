@@ -115,16 +115,22 @@ class DigitClassifier(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into `path`, atomically."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose another path")
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose another path")
+            if set(p.name for p in path.iterdir()) - {CONFIG_NAME, WEIGHTS_NAME}:
+                raise FileExistsError(f"{path} holds files other than a DigitClassifier's; refusing to replace it")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         (tmp / CONFIG_NAME).write_text(json.dumps({"class": "DigitClassifier", **self.config}, indent=1) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp / WEIGHTS_NAME)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp / WEIGHTS_NAME)
+        if path.exists():  # swap only once the new copy is complete
+            old = path.rename(path.with_name(f".{path.name}.old{os.getpid()}"))
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
         return path
 
     @classmethod

@@ -213,12 +213,13 @@ class ImageLM:
         self.model = model
         self.tokenizer = tokenizer
         self.layout = layout
-        self._lm_ids = torch.tensor(layout.lm_ids, dtype=torch.long)  # (K,)
-        self._visual_ids = torch.tensor(layout.visual_ids, dtype=torch.long)  # (K,)
+        # lookups live on the CPU whatever the default device (Lightning builds models under one)
+        self._lm_ids = torch.tensor(layout.lm_ids, dtype=torch.long, device="cpu")  # (K,)
+        self._visual_ids = torch.tensor(layout.visual_ids, dtype=torch.long, device="cpu")  # (K,)
         self._to_lm = {v: i for v, i in zip(layout.visual_ids, layout.lm_ids, strict=True)}
         size = max(vocab_rows, max(layout.lm_ids) + 1)
-        self._to_entry = torch.full((size,), -1, dtype=torch.long)
-        self._to_entry[self._lm_ids] = torch.arange(len(layout.lm_ids))
+        self._to_entry = torch.full((size,), -1, dtype=torch.long, device="cpu")
+        self._to_entry[self._lm_ids] = torch.arange(len(layout.lm_ids), device="cpu")
         self._prompt_cache: dict[str, list[int]] = {}
 
     @property
@@ -448,9 +449,11 @@ class ImageLM:
 
         Args:
             prompts: B captions.
-            seed: seeds sampling without touching the global RNG state (``model.generate`` takes no generator).
+            seed: seeds sampling without touching the global RNG state (``model.generate`` takes no generator);
+                None samples from the global RNG.
             generate_kwargs: passed to ``model.generate`` (``do_sample``, ``temperature``, ``top_k``,
-                ``top_p``, ...); defaults to greedy decoding.
+                ``top_p``, ...); defaults to greedy decoding, and to no top-k cut-off when sampling
+                (transformers would otherwise apply its global default of 50).
 
         Returns:
             :class:`GenerateOutput` with ids (B, N) for ``V2FlowTokenizer.decode``.
@@ -459,15 +462,17 @@ class ImageLM:
         inputs = {k: v.to(device) for k, v in self.build_prompts(prompts).items()}
         processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", []))
         processors.append(self.logits_processor())
-        kwargs = {"max_new_tokens": self.num_tokens + 1, "pad_token_id": self.pad_id, "do_sample": False}
+        kwargs = {"max_new_tokens": self.num_tokens + 1, "pad_token_id": self.pad_id, "do_sample": False, "top_k": None}
         kwargs.update(generate_kwargs)
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                if seed is not None:
-                    torch.manual_seed(seed)
+            if seed is None:
                 sequences = self.model.generate(**inputs, logits_processor=processors, **kwargs)
+            else:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(seed)
+                    sequences = self.model.generate(**inputs, logits_processor=processors, **kwargs)
         finally:
             self.model.train(was_training)
         return GenerateOutput(ids=self.parse(sequences), sequences=sequences)
@@ -481,9 +486,13 @@ class ImageLM:
             raise FileExistsError(f"{path} exists and is not empty; choose a new directory")
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        (tmp / LAYOUT_NAME).write_text(json.dumps(asdict(self.layout)) + "\n")
+        try:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / LAYOUT_NAME).write_text(json.dumps(asdict(self.layout)) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if path.exists():
             path.rmdir()
         tmp.rename(path)

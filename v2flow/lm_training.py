@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +252,7 @@ class ImageLMModule(L.LightningModule):
     def _step(self, batch, stage: str) -> torch.Tensor:
         ids, captions = batch
         inputs = self.image_lm.build_batch(captions, ids)
-        out = self.lm(**inputs)
+        out = self.lm(**inputs, use_cache=False)
         with torch.no_grad():
             targets = inputs["labels"][:, 1:]
             scored = targets != -100
@@ -342,9 +343,16 @@ class ImageLMModule(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from dataclasses import asdict
-
         checkpoint["v2flow_lm_layout"] = asdict(self.image_lm.layout)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        saved = checkpoint.get("v2flow_lm_layout")
+        if saved is not None and saved != asdict(self.image_lm.layout):
+            raise ValueError(
+                f"the checkpoint was trained with another token layout than {self.hparams.image_tokenizer!r} gives "
+                "now (was the image tokenizer retrained or replaced?); resume with the tokenizer it was trained with"
+            )
 
 
 def image_lm_from_checkpoint(path: str | os.PathLike) -> ImageLM:
@@ -357,6 +365,8 @@ def image_lm_from_checkpoint(path: str | os.PathLike) -> ImageLM:
         raise ValueError(f"{path} is not an ImageLMModule checkpoint (no 'v2flow_lm_layout')")
     hparams = dict(ckpt["hyper_parameters"])
     hparams.pop("_instantiator", None)
+    hparams.update(judge=None, eval_samples_per_digit=0)  # exporting needs no judge
     module = ImageLMModule(**hparams)
+    module.on_load_checkpoint(ckpt)  # refuses a layout that no longer matches the image tokenizer
     module.load_state_dict(ckpt["state_dict"])
     return module.image_lm

@@ -40,7 +40,7 @@ def frechet_distance(
     Args:
         extractor: a model with ``features(images) -> (B, F)`` and an int ``num_features`` (for MNIST, the
             project's :class:`~v2flow.classifier.DigitClassifier`).
-        real, fake: (B, C, H, W) images in [-1, 1], given to the extractor as they are.
+        real, fake: (B, C, H, W) images in [-1, 1], given to the extractor as they are (on its device).
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -48,12 +48,14 @@ def frechet_distance(
         raise ValueError(f"a Frechet distance needs >= 2 images per set, got {len(real)} and {len(fake)}")
     was_training = extractor.training
     extractor.eval()
+    device = next(extractor.parameters()).device
     try:
-        metric = FrechetInceptionDistance(feature=_Features(extractor)).to(real.device)
+        metric = FrechetInceptionDistance(feature=_Features(extractor))
+        metric.to(device)  # states only: the extractor is already there
         for chunk in real.split(batch_size):
-            metric.update(chunk, real=True)
+            metric.update(chunk.to(device), real=True)
         for chunk in fake.split(batch_size):
-            metric.update(chunk, real=False)
+            metric.update(chunk.to(device), real=False)
         return float(metric.compute())
     finally:
         extractor.train(was_training)

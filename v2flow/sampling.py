@@ -11,7 +11,7 @@ grid) and ``dopri5`` (adaptive, ``rtol``/``atol``), and ``flow_match_euler``: di
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from einops import repeat
@@ -41,6 +41,7 @@ def solve_ode(
     shift: float = 1.0,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    grid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integrate dx/dt = velocity(t, x) from t = 1 (x1, noise) to t = 0 and return x0.
 
@@ -52,30 +53,59 @@ def solve_ode(
         shift: timestep shift of the grid (SD3 convention).
         rtol, atol: tolerances of ``dopri5``. Its adaptive step size is shared by the whole batch, so a sample
             decoded alone and in a batch can differ by up to the tolerances.
+        grid: explicit decreasing times for the fixed-grid solvers (replaces ``num_steps``/``shift``); its
+            end points bound ``dopri5``. It lets a caller integrate one stretch [t_a, t_b] of the trajectory.
     """
     x1 = x1.float()
+    if grid is not None:
+        if grid.ndim != 1 or grid.numel() < 2 or bool((grid[1:] >= grid[:-1]).any()):
+            raise ValueError("grid must hold >= 2 strictly decreasing times")
+        if solver == "flow_match_euler" and float(grid[-1]) != 0.0:
+            raise ValueError("flow_match_euler integrates down to t = 0 only; use euler (the same steps) on a stretch")
 
     def f(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return velocity(t, x).float()
 
     if solver in FIXED_SOLVERS:
-        return odeint(f, x1, time_grid(num_steps, shift, x1.device), method=solver)[-1]
+        times = time_grid(num_steps, shift, x1.device) if grid is None else grid.to(x1.device, torch.float32)
+        return odeint(f, x1, times, method=solver)[-1]
     if solver == "dopri5":
         if shift != 1.0:
             raise ValueError("shift only changes the grid of fixed-step solvers; use shift=1.0 with dopri5")
-        t = torch.tensor([1.0, 0.0], device=x1.device)
+        ends = (1.0, 0.0) if grid is None else (float(grid[0]), float(grid[-1]))
+        t = torch.tensor(ends, device=x1.device)
         return odeint(f, x1, t, method="dopri5", rtol=rtol, atol=atol)[-1]
     if solver == "flow_match_euler":
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, num_steps + 1)[:-1].tolist(), device=x1.device)
+        # the scheduler shifts the uniform sigmas itself; an explicit grid is used as given
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift if grid is None else 1.0)
+        sigmas = torch.linspace(1.0, 0.0, num_steps + 1)[:-1] if grid is None else grid[:-1].cpu().float()
+        scheduler.set_timesteps(sigmas=sigmas.tolist(), device=x1.device)
         x = x1
         for timestep in scheduler.timesteps:
             t = (timestep / scheduler.config.num_train_timesteps).float()
             x = scheduler.step(f(t, x), timestep, x).prev_sample.float()
         return x
     raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+
+
+def _stretches(num_steps: int, shift: float, breakpoints: Sequence[float], solver: str) -> list[torch.Tensor | None]:
+    """The time grids of the stretches between breakpoints ([None]: one stretch, the solver's own grid)."""
+    cuts = sorted({float(b) for b in breakpoints if 0.0 < float(b) < 1.0}, reverse=True)
+    if not cuts:
+        return [None]
+    if solver == "flow_match_euler":
+        raise ValueError("ordered decoding integrates stretch by stretch; use solver='euler' (the same steps)")
+    ends = [1.0, *cuts, 0.0]
+    if solver == "dopri5":
+        return [torch.tensor([a, b]) for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    base = time_grid(num_steps, shift).tolist()
+    grids = []
+    for a, b in zip(ends[:-1], ends[1:], strict=True):
+        inner = [t for t in base if b < t < a]
+        grids.append(torch.tensor([a, *inner, b]))
+    return grids
 
 
 def reveal_counts(num_patches: int, num_iters: int) -> list[int]:
@@ -110,6 +140,7 @@ def masked_flow_sample(
     temperature: float = 1.0,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    breakpoints: Sequence[float] = (),
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
@@ -117,9 +148,13 @@ def masked_flow_sample(
 
     Each iteration runs the masked transformer once (twice with guidance) on the patches known so far,
     then integrates the flow ODE for the patches it reveals, in a random order drawn from `generator`.
+    With `breakpoints` (ordered tokens: the noise levels where the visible tokens change) the trajectory is
+    cut into stretches and the transformer runs once per stretch and iteration, never per ODE step; the
+    fixed-grid solvers then step on the union of their grid and the breakpoints.
 
     Args:
-        conditions: ``(patches (B, L, P), mask (B, L)) -> (cond (B, L, D), null_cond (B, L, D) or None)``.
+        conditions: ``(patches (B, L, P), mask (B, L), t) -> (cond (B, L, D), null_cond (B, L, D) or None)``,
+            t the noise level at the start (noisy end) of the stretch.
         velocity: the velocity head, ``(x (M, P), t (M,), cond (M, D)) -> (M, P)``.
         cfg_scale: guidance scale; 1.0 disables guidance (no unconditional pass).
         temperature: scale of the starting noise (MAR's sampling temperature): 1 samples the learned
@@ -133,28 +168,31 @@ def masked_flow_sample(
     patches = torch.zeros(batch_size, num_patches, patch_dim, device=device)
     known = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
     order = torch.rand(batch_size, num_patches, generator=generator, device=gen_device).argsort(dim=1).to(device)
+    stretches = _stretches(num_steps, shift, breakpoints, solver)
+    guided = cfg_scale != 1.0
     start = 0
     for count in reveal_counts(num_patches, num_iters):
-        cond, null_cond = conditions(patches, ~known)
         reveal = order[:, start : start + count]  # (B, n)
         start += count
-        pick = repeat(reveal, "b n -> b n d", d=cond.shape[-1])
-        c = torch.gather(cond, 1, pick).flatten(0, 1)  # (B*n, D)
-        guided = cfg_scale != 1.0
-        if guided:
-            if null_cond is None:
-                raise ValueError("cfg_scale != 1 needs unconditional conditions")
-            c = torch.cat([c, torch.gather(null_cond, 1, pick).flatten(0, 1)])
+        x = temperature * torch.randn(batch_size * count, patch_dim, generator=generator, device=gen_device).to(device)
+        for grid in stretches:
+            cond, null_cond = conditions(patches, ~known, float(grid[0]) if grid is not None else 1.0)
+            pick = repeat(reveal, "b n -> b n d", d=cond.shape[-1])
+            c = torch.gather(cond, 1, pick).flatten(0, 1)  # (B*n, D)
+            if guided:
+                if null_cond is None:
+                    raise ValueError("cfg_scale != 1 needs unconditional conditions")
+                c = torch.cat([c, torch.gather(null_cond, 1, pick).flatten(0, 1)])
 
-        def field(t: torch.Tensor, x: torch.Tensor, c=c, guided=guided) -> torch.Tensor:
-            tt = t.expand(c.shape[0])
-            if not guided:
-                return velocity(x, tt, c)
-            v_cond, v_null = velocity(torch.cat([x, x]), tt, c).chunk(2)
-            return v_null + cfg_scale * (v_cond - v_null)
+            def field(t: torch.Tensor, x: torch.Tensor, c=c) -> torch.Tensor:
+                tt = t.expand(c.shape[0])
+                if not guided:
+                    return velocity(x, tt, c)
+                v_cond, v_null = velocity(torch.cat([x, x]), tt, c).chunk(2)
+                return v_null + cfg_scale * (v_cond - v_null)
 
-        x1 = temperature * torch.randn(batch_size * count, patch_dim, generator=generator, device=gen_device).to(device)
-        x0 = solve_ode(field, x1, num_steps=num_steps, solver=solver, shift=shift, rtol=rtol, atol=atol)
+            x = solve_ode(field, x, num_steps=num_steps, solver=solver, shift=shift, rtol=rtol, atol=atol, grid=grid)
+        x0 = x
         patches.scatter_(1, repeat(reveal, "b n -> b n p", p=patch_dim), x0.view(batch_size, count, patch_dim))
         known.scatter_(1, reveal, True)
     return patches

@@ -27,15 +27,17 @@ from .encoder import QueryEncoder
 from .first_stage import build_first_stage
 from .layers import patchify, unpatchify
 from .masked_transformer import MaskedTransformer
+from .ordering import PREFIX_SAMPLING, SELFTOK_STAGES, OrderSchedule, sample_prefix_lengths
 from .resampler import VocabularyResampler, perplexity
 from .sampling import SOLVERS, masked_flow_sample
-from .velocity import TIME_SAMPLING, VelocityHead, flow_matching_loss
+from .velocity import TIME_SAMPLING, VelocityHead, flow_matching_loss, sample_time
 from .vocab import LLMVocabulary
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 VOCAB_NAME = "vocab.json"
 RANGE_TOLERANCE = 1e-3
+TOKEN_ORDERS = ("unordered", "ordered")
 
 
 @dataclass
@@ -111,6 +113,14 @@ class V2FlowTokenizer(nn.Module):
         batch_mul: noise draws per masked patch in the flow loss.
         time_sampling, time_mean, time_std, time_shift: training time distribution (see ``sample_time``).
         aux_weight: weight of the auxiliary loss that makes each patch condition predict its patch.
+        token_order: ``"unordered"`` or ``"ordered"`` (Selftok: token positions bound to noise levels, token 0
+            the coarsest; at noise level t the decoder sees only the tokens in play at t, see
+            :mod:`v2flow.ordering`).
+        order_stages: relative token counts of equal stretches of the trajectory, noisiest first (ordered
+            mode; default Selftok's 16, 48, 72, 184, 192).
+        truncation_prob: probability that a training sample keeps only a random prefix of its tokens, the
+            tail replaced by a learned truncation token (nested truncation: any prefix then decodes).
+        prefix_sampling: ``"uniform"`` or ``"pow2"``: how the kept prefix length is drawn.
         sample_steps, sample_solver, sample_iters, sample_cfg, sample_shift, sample_temperature: default decode
             settings (see :meth:`decode`).
     """
@@ -155,6 +165,10 @@ class V2FlowTokenizer(nn.Module):
         time_std: float = 1.0,
         time_shift: float = 1.0,
         aux_weight: float = 1.0,
+        token_order: str = "unordered",
+        order_stages: list[float] | None = None,
+        truncation_prob: float = 0.0,
+        prefix_sampling: str = "uniform",
         sample_steps: int = 8,
         sample_solver: str = "euler",
         sample_iters: int = 1,
@@ -184,6 +198,15 @@ class V2FlowTokenizer(nn.Module):
             raise ValueError(f"sample_temperature must be >= 0, got {sample_temperature}")
         if sample_steps < 1:
             raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
+        if token_order not in TOKEN_ORDERS:
+            raise ValueError(f"unknown token_order {token_order!r}; choose one of {TOKEN_ORDERS}")
+        if order_stages is not None and token_order != "ordered":
+            raise ValueError("order_stages applies to token_order='ordered' only")
+        if not 0.0 <= truncation_prob <= 1.0:
+            raise ValueError(f"truncation_prob must be in [0, 1], got {truncation_prob}")
+        if prefix_sampling not in PREFIX_SAMPLING:
+            raise ValueError(f"unknown prefix_sampling {prefix_sampling!r}; choose one of {PREFIX_SAMPLING}")
+        self.schedule = OrderSchedule(num_tokens, order_stages or SELFTOK_STAGES) if token_order == "ordered" else None
         if sample_solver == "dopri5" and sample_shift != 1.0:
             raise ValueError("sample_shift changes fixed-step grids only; use sample_shift=1.0 with dopri5")
         self.first_stage = build_first_stage(first_stage, in_channels=in_channels, image_size=image_size)
@@ -228,6 +251,7 @@ class V2FlowTokenizer(nn.Module):
             decoder_depth=decoder_depth,
             num_heads=decoder_heads,
             cond_drop_prob=cond_drop_prob,
+            truncation=truncation_prob > 0,
         )
         self.head = VelocityHead(patch_dim=self.patch_dim, cond_dim=decoder_dim, width=head_width, depth=head_depth)
         # auxiliary: each patch condition predicts its patch (absent when unused: DDP needs every parameter used)
@@ -298,11 +322,11 @@ class V2FlowTokenizer(nn.Module):
                 "map [0, 1] images with x * 2 - 1 and [0, 255] images with x / 127.5 - 1"
             )
 
-    def _ids_to_indices(self, ids: torch.Tensor) -> torch.Tensor:
+    def _ids_to_indices(self, ids: torch.Tensor, prefix: bool = False) -> torch.Tensor:
         n = self.config["num_tokens"]
         if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"ids must be an integer tensor (B, {n}), got {getattr(ids, 'dtype', type(ids))}")
-        if ids.ndim != 2 or ids.shape[1] != n:
+        if ids.ndim != 2 or (ids.shape[1] != n and not prefix):
             raise ValueError(f"ids must have shape (B, {n}), got {tuple(ids.shape)}")
         ids = ids.long().to(self.vocabulary.token_ids.device)
         if self.config["quantizer"] == "vq":
@@ -366,9 +390,14 @@ class V2FlowTokenizer(nn.Module):
         b = images.shape[0]
         mask = self.sample_mask(b, images.device, generator)
         drop = _rand((b,), generator, images.device) < self.config["cond_drop_prob"]
-        cond = self.decoder(out.embeddings, patches, mask, drop if self.training else None)  # (B, L, D)
+        t, visible = self._ordered_times(b, images.device, generator)
+        keep = self._truncation(b, images.device, generator) if self.training else None
+        cond = self.decoder(
+            out.embeddings, patches, mask, drop if self.training else None, token_mask=visible, token_keep=keep
+        )  # (B, L, D)
         x0, c = patches[mask], cond[mask]  # (M, P), (M, D)
-        parts = {"flow": self._flow_loss(x0, c, generator)}
+        t = None if t is None else t[:, None].expand(mask.shape)[mask]  # (M,): each patch at its sample's level
+        parts = {"flow": self._flow_loss(x0, c, generator, t)}
         if self.patch_predictor is not None:
             keep = (mask & ~drop[:, None]) if self.training else mask  # (B, L)
             # a masked mean, not mse_loss on a selection: a batch whose every sample dropped its tokens gives 0, not NaN
@@ -377,7 +406,36 @@ class V2FlowTokenizer(nn.Module):
         parts.update(out.losses)
         return LossOutput(sum(parts.values()), parts, out.indices)
 
-    def _flow_loss(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _ordered_times(self, batch_size: int, device, generator: torch.Generator | None):
+        """Ordered mode: one noise level per sample (B,) and the tokens visible at it (B, N); else (None, None)."""
+        if self.schedule is None:
+            return None, None
+        cfg = self.config
+        t = sample_time(
+            batch_size,
+            method=cfg["time_sampling"],
+            mean=cfg["time_mean"],
+            std=cfg["time_std"],
+            shift=cfg["time_shift"],
+            device=device,
+            generator=generator,
+        )
+        return t, self.schedule.visibility(t)
+
+    def _truncation(self, batch_size: int, device, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Nested truncation: (B, N) bool, a random prefix kept in a `truncation_prob` share of the samples."""
+        cfg = self.config
+        if cfg["truncation_prob"] <= 0:
+            return None
+        n = cfg["num_tokens"]
+        lengths = sample_prefix_lengths(batch_size, n, cfg["prefix_sampling"], generator, device)
+        truncate = _rand((batch_size,), generator, device) < cfg["truncation_prob"]
+        lengths = torch.where(truncate, lengths, torch.full_like(lengths, n))
+        return torch.arange(n, device=device)[None, :] < lengths[:, None]
+
+    def _flow_loss(
+        self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None, t: torch.Tensor | None = None
+    ) -> torch.Tensor:
         cfg = self.config
         return flow_matching_loss(
             self.head,
@@ -388,6 +446,7 @@ class V2FlowTokenizer(nn.Module):
             time_mean=cfg["time_mean"],
             time_std=cfg["time_std"],
             time_shift=cfg["time_shift"],
+            t=t,
             generator=generator,
         )
 
@@ -406,9 +465,11 @@ class V2FlowTokenizer(nn.Module):
             result = {}
             shuffled = indices.roll(1, dims=0)
             for name, idx in (("true", indices), ("shuffled", shuffled)):
-                cond = self.decoder(self.resampler.embed(idx), patches, mask)
                 generator = torch.Generator(device=images.device).manual_seed(seed)
-                result[f"flow_loss_{name}"] = float(self._flow_loss(patches[mask], cond[mask], generator))
+                t, visible = self._ordered_times(len(images), images.device, generator)
+                cond = self.decoder(self.resampler.embed(idx), patches, mask, token_mask=visible)
+                t = None if t is None else t[:, None].expand(mask.shape)[mask]
+                result[f"flow_loss_{name}"] = float(self._flow_loss(patches[mask], cond[mask], generator, t))
         finally:
             self.train(was_training)
         result["shuffle_gap"] = result["flow_loss_shuffled"] / max(result["flow_loss_true"], 1e-12) - 1.0
@@ -451,13 +512,19 @@ class V2FlowTokenizer(nn.Module):
         temperature: float | None = None,
         rtol: float = 1e-5,
         atol: float = 1e-5,
+        allow_truncation: bool = False,
         generator: torch.Generator | None = None,
     ) -> DecodeOutput:
         """Token ids (B, N) -> images (B, C, H, W) in [-1, 1], by integrating the flow ODE over `num_iters`
         mask-schedule iterations. Settings left as None take the config's ``sample_*`` defaults.
 
+        A prefix (B, k), 1 <= k <= N, decodes too: its tail is replaced by the truncation token when the model
+        was trained with nested truncation, and hidden otherwise. In ordered mode the transformer runs once per
+        stretch between the noise levels where the visible tokens change (and per mask iteration), and the
+        fixed-grid solvers step on the union of their grid and those levels.
+
         Args:
-            ids: (B, N) LLM token ids (or codebook indices for vq), as returned by :meth:`encode`.
+            ids: (B, N) LLM token ids (or codebook indices for vq), as returned by :meth:`encode`, or a prefix.
             num_steps: ODE steps per iteration (fixed-grid solvers and the scheduler).
             solver: ``euler``, ``midpoint``, ``rk4``, ``dopri5`` or ``flow_match_euler``.
             num_iters: mask-schedule iterations (1 = all patches at once).
@@ -465,6 +532,7 @@ class V2FlowTokenizer(nn.Module):
             shift: timestep shift of the grid.
             temperature: scale of the starting noise; < 1 trades diversity for fidelity (0 is deterministic).
             rtol, atol: tolerances of ``dopri5``.
+            allow_truncation: decode a prefix with an unordered tokenizer (whose tokens are not coarse to fine).
             generator: for reproducible noise and reveal order.
         """
         cfg = self.config
@@ -477,18 +545,53 @@ class V2FlowTokenizer(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self._require_vocabulary()
-        indices = self._ids_to_indices(ids)
+        n = cfg["num_tokens"]
+        k = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.ndim == 2 else n
+        if k != n:
+            if k < 1:
+                raise ValueError("an empty prefix holds no tokens; give ids of shape (B, k) with k >= 1")
+            if k > n:
+                raise ValueError(f"a prefix of {k} tokens is longer than this tokenizer's N = {n} tokens")
+            if self.schedule is None and not allow_truncation:
+                raise ValueError(
+                    f"this tokenizer is unordered, so a prefix of {k} of its {n} tokens is not a coarse version of "
+                    "the image; pass allow_truncation=True to decode it with the tail masked anyway"
+                )
+        indices = self._ids_to_indices(ids, prefix=True)  # (B, k)
         device = self.vocabulary.embeddings.device
-        embeddings = self.resampler.embed(indices)  # (B, N, d)
         b = ids.shape[0]
+        keep = hidden_tail = None
+        if k < n:
+            indices = torch.cat([indices, indices.new_zeros(b, n - k)], dim=1)  # the tail is never read
+            kept = torch.arange(n, device=device)[None, :].expand(b, n) < k  # (B, N)
+            keep, hidden_tail = (kept, None) if self.decoder.truncation_token is not None else (None, kept)
+        embeddings = self.resampler.embed(indices)  # (B, N, d)
+        breakpoints: list[float] = []
+        if self.schedule is not None:  # the visible tokens change where tokens enter (only up to k if hidden)
+            breakpoints = self.schedule.token_times()[1 : (n if hidden_tail is None else k)].tolist()
         was_training = self.training
         self.eval()
 
-        def conditions(patches: torch.Tensor, mask: torch.Tensor):
+        def visible_at(t: float) -> torch.Tensor | None:
+            visible = hidden_tail
+            if self.schedule is not None:
+                at_t = self.schedule.visibility(torch.full((b,), t)).to(device)  # (B, N)
+                visible = at_t if visible is None else visible & at_t
+            return visible
+
+        def conditions(patches: torch.Tensor, mask: torch.Tensor, t: float):
+            visible = visible_at(t)
             if cfg_scale == 1.0:
-                return self.decoder(embeddings, patches, mask), None
+                return self.decoder(embeddings, patches, mask, token_mask=visible, token_keep=keep), None
             drop = torch.arange(2 * b, device=device) >= b
-            both = self.decoder(embeddings.repeat(2, 1, 1), patches.repeat(2, 1, 1), mask.repeat(2, 1), drop)
+            both = self.decoder(
+                embeddings.repeat(2, 1, 1),
+                patches.repeat(2, 1, 1),
+                mask.repeat(2, 1),
+                drop,
+                token_mask=None if visible is None else visible.repeat(2, 1),
+                token_keep=None if keep is None else keep.repeat(2, 1),
+            )
             return both[:b], both[b:]
 
         try:
@@ -506,6 +609,7 @@ class V2FlowTokenizer(nn.Module):
                 temperature=temperature,
                 rtol=rtol,
                 atol=atol,
+                breakpoints=breakpoints,
                 generator=generator,
                 device=device,
             )

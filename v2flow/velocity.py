@@ -100,26 +100,31 @@ def flow_matching_loss(
     time_mean: float = 0.0,
     time_std: float = 1.0,
     time_shift: float = 1.0,
+    t: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Rectified-flow loss ||v(x_t, t, c) - (noise - x0)||^2 with `batch_mul` noise draws per patch.
 
     Args:
         x0: (M, P) clean patches; cond: (M, D) their conditions.
+        t: (M,) given noise levels (ordered tokens: the condition was computed for them); drawn when None.
     Returns:
         scalar mean-squared error.
     """
     x0 = repeat(x0, "m p -> (r m) p", r=batch_mul)
     cond = repeat(cond, "m d -> (r m) d", r=batch_mul)
-    t = sample_time(
-        x0.shape[0],
-        method=time_sampling,
-        mean=time_mean,
-        std=time_std,
-        shift=time_shift,
-        device=x0.device,
-        generator=generator,
-    )
+    if t is None:
+        t = sample_time(
+            x0.shape[0],
+            method=time_sampling,
+            mean=time_mean,
+            std=time_std,
+            shift=time_shift,
+            device=x0.device,
+            generator=generator,
+        )
+    else:
+        t = repeat(t.to(x0), "m -> (r m)", r=batch_mul)
     gen_device = generator.device if generator is not None else x0.device
     noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0)
     x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
