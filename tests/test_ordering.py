@@ -209,3 +209,86 @@ def test_bad_prefixes_are_refused():
         make_tokenizer(order_stages=[1, 2])
     with pytest.raises(ValueError, match="truncation_prob"):
         make_tokenizer(truncation_prob=1.5)
+
+
+def test_query_modulation_starts_as_the_identity_and_learns():
+    from v2flow.encoder import QueryEncoder
+
+    torch.manual_seed(0)
+    encoder = QueryEncoder(
+        num_patches=4, patch_dim=3, num_tokens=5, hidden_dim=16, depth=2, num_heads=2, query_modulation=True
+    )
+    patches = torch.randn(2, 4, 3)
+    out = encoder(patches)
+    modulations, encoder.modulations = encoder.modulations, None
+    assert torch.equal(encoder(patches), out)  # zero-initialised modulation = the plain encoder
+    encoder.modulations = modulations
+    encoder(patches).pow(2).sum().backward()
+    assert modulations[0][-1].weight.grad.abs().sum() > 0
+
+
+def test_ordered_config_with_query_modulation_builds_and_trains():
+    tok = ordered_tokenizer(encoder_query_modulation=True).train()
+    tok.loss(tiny_images(2), generator=torch.Generator().manual_seed(0)).loss.backward()
+    assert tok.encoder.index_embed.grad is not None
+
+
+def test_prefix_benchmark_runs_on_tiny_checkpoints(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import make_tokenizer
+
+    size = {"image_size": 32, "patch_size": 8}
+    make_tokenizer(**size, token_order="ordered", truncation_prob=0.5).save_pretrained(tmp_path / "ordered")
+    make_tokenizer(**size).save_pretrained(tmp_path / "unordered")
+    root = Path(__file__).resolve().parent.parent
+    args = [sys.executable, str(root / "benchmarks" / "prefix.py"), "--ordered", str(tmp_path / "ordered")]
+    args += ["--unordered", str(tmp_path / "unordered"), "--prefixes", "1", "2", "4", "--limit", "6"]
+    args += [
+        "--train-limit",
+        "12",
+        "--ar-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--grid-digits",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    subprocess.run(args, check=True, cwd=root, capture_output=True)
+    summary = json.loads((tmp_path / "out" / "prefix.json").read_text())
+    assert summary["prefixes"] == [1, 2, 4] and summary["test_images"] == 6
+    ordered = summary["results"]["ordered"]
+    assert ordered["token_order"] == "ordered" and len(ordered["next_token_entropy_bits"]) == 4
+    assert (tmp_path / "out" / "prefix_grid.png").exists() and (tmp_path / "out" / "prefix_psnr.png").exists()
+
+
+def test_ordered_config_fits_with_fast_dev_run(tmp_path):
+    from safetensors.torch import save_file
+
+    from v2flow.cli import lightning_cli
+
+    table = tmp_path / "table.safetensors"
+    save_file({"embeddings": torch.randn(200, 576, generator=torch.Generator().manual_seed(0))}, table)
+    cli = lightning_cli(
+        [
+            "fit",
+            "--config=configs/mnist_ordered.yaml",
+            f"--model.tokenizer.init_args.vocab_source={table}",
+            "--model.tokenizer.init_args.num_entries=64",
+            "--model.tokenizer.init_args.num_tokens=8",
+            "--data.init_args.train_limit=16",
+            "--data.init_args.val_limit=16",
+            "--data.init_args.batch_size=8",
+            "--trainer.fast_dev_run=true",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert cli.trainer.global_step == 1
+    assert cli.model.tokenizer.config["token_order"] == "ordered"
+    assert cli.model.tokenizer.encoder.modulations is not None

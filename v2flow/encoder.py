@@ -2,6 +2,11 @@
 
 The number of queries N does not depend on the image size: patches and queries share one transformer and
 only the query outputs leave the encoder.
+
+With ``query_modulation`` (Selftok's choice for ordered tokens) every query position also gets its own
+adaptive LayerNorm-style shift and scale before each block, computed from an embedding of its index, so
+each position can specialise in its stretch of the noise schedule. The modulation is zero-initialised:
+the encoder starts as the plain one.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class QueryEncoder(nn.Module):
         depth: number of transformer blocks.
         num_heads: attention heads.
         mlp_ratio: MLP width as a multiple of D.
+        query_modulation: per-position shift/scale of the query stream before every block.
     """
 
     def __init__(
@@ -35,6 +41,7 @@ class QueryEncoder(nn.Module):
         depth: int,
         num_heads: int,
         mlp_ratio: float = 4.0,
+        query_modulation: bool = False,
     ) -> None:
         super().__init__()
         if num_tokens < 1 or depth < 1:
@@ -45,16 +52,31 @@ class QueryEncoder(nn.Module):
         self.queries = nn.Parameter(torch.zeros(1, num_tokens, hidden_dim))
         self.blocks = nn.ModuleList(TransformerBlock(hidden_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(hidden_dim)
+        self.index_embed = nn.Parameter(torch.zeros(num_tokens, hidden_dim)) if query_modulation else None
+        self.modulations = (
+            nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim)) for _ in range(depth))
+            if query_modulation
+            else None
+        )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         init_transformer_weights(self)
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.queries, std=0.02)
+        if self.modulations is not None:
+            nn.init.normal_(self.index_embed, std=0.02)
+            for m in self.modulations:  # start as the identity
+                nn.init.zeros_(m[-1].weight)
+                nn.init.zeros_(m[-1].bias)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(patches) + self.pos_embed  # (B, L, D)
         x = torch.cat([x, self.queries.expand(x.shape[0], -1, -1)], dim=1)  # (B, L + N, D)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if self.modulations is not None:
+                shift, scale = self.modulations[i](self.index_embed).chunk(2, dim=-1)  # (N, D) each
+                queries = x[:, self.num_patches :] * (1 + scale) + shift  # (B, N, D)
+                x = torch.cat([x[:, : self.num_patches], queries], dim=1)
             x = block(x)
         return self.norm(x[:, self.num_patches :])  # (B, N, D)

@@ -99,6 +99,8 @@ class V2FlowTokenizer(nn.Module):
         first_stage: ``"pixels"``.
         num_tokens: N, tokens per image (independent of the image size).
         encoder_dim, encoder_depth, encoder_heads: the query encoder (ViT).
+        encoder_query_modulation: give every query position its own shift/scale from an embedding of its
+            index before each encoder block (Selftok's position-aware encoder, for ordered tokens).
         vocab_source: where training loads the LLM vocabulary from (see :class:`LLMVocabulary.load`).
         vocab_selection: how the subset is chosen (``"fps"`` or ``"first"``).
         num_entries: K, vocabulary rows kept.
@@ -136,6 +138,7 @@ class V2FlowTokenizer(nn.Module):
         encoder_dim: int = 192,
         encoder_depth: int = 4,
         encoder_heads: int = 4,
+        encoder_query_modulation: bool = False,
         vocab_source: str = "smollm2",
         vocab_selection: str = "fps",
         num_entries: int = 4096,
@@ -226,6 +229,7 @@ class V2FlowTokenizer(nn.Module):
             hidden_dim=encoder_dim,
             depth=encoder_depth,
             num_heads=encoder_heads,
+            query_modulation=encoder_query_modulation,
         )
         self.resampler = VocabularyResampler(
             input_dim=encoder_dim,

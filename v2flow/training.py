@@ -233,7 +233,10 @@ class V2FlowModule(L.LightningModule):
                 continue
             (
                 no_decay
-                if p.ndim < 2 or name.endswith(("pos", "pos_embed", "queries", "null_tokens", "mask_token"))
+                if p.ndim < 2
+                or name.endswith(
+                    ("pos", "pos_embed", "queries", "null_tokens", "mask_token", "truncation_token", "index_embed")
+                )
                 else decay
             ).append(p)
         optimizer = torch.optim.AdamW(
