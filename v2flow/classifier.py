@@ -23,6 +23,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .training import warmup_cosine
+from .utils import replace_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -125,13 +126,7 @@ class DigitClassifier(nn.Module):
         tmp.mkdir(parents=True)
         (tmp / CONFIG_NAME).write_text(json.dumps({"class": "DigitClassifier", **self.config}, indent=1) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp / WEIGHTS_NAME)
-        if path.exists():  # swap only once the new copy is complete
-            old = path.rename(path.with_name(f".{path.name}.old{os.getpid()}"))
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-        return path
+        return replace_dir(tmp, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DigitClassifier:

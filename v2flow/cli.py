@@ -186,17 +186,9 @@ def _export(a: argparse.Namespace) -> int:
         print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
         return 0
     if kind == "lm":
-        import shutil
-
         from .lm_training import image_lm_from_checkpoint
 
-        staged = image_lm_from_checkpoint(a.checkpoint).save_pretrained(out.with_name(out.name + ".new"))
-        if out.exists():  # swap only once the new copy is complete
-            old = out.rename(out.with_name(out.name + ".old"))
-            staged.rename(out)
-            shutil.rmtree(old)
-        else:
-            staged.rename(out)
+        image_lm_from_checkpoint(a.checkpoint).save_pretrained(out, overwrite=a.overwrite)
         print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
         return 0
     import yaml

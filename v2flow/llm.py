@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .vocab import BUNDLED_SMOLLM2, bundled_smollm2_path, cache_dir
+from .utils import replace_dir
+from .vocab import BUNDLED_SMOLLM2, _fingerprint, bundled_smollm2_path, cache_dir
 
 IMAGE_START = "<|image_start|>"
 IMAGE_END = "<|image_end|>"
@@ -66,8 +67,7 @@ def load_causal_lm(source: str = BUNDLED_SMOLLM2, torch_dtype: torch.dtype = tor
 
     if source == BUNDLED_SMOLLM2:
         gguf = bundled_smollm2_path()
-        stat = gguf.stat()
-        target = cache_dir() / f"SmolLM2-135M-Instruct-lm-{stat.st_size:x}-{int(stat.st_mtime):x}"
+        target = cache_dir() / f"SmolLM2-135M-Instruct-lm-{_fingerprint(gguf)}"
         if not (target / "config.json").exists():
             loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -97,6 +97,16 @@ def load_causal_lm(source: str = BUNDLED_SMOLLM2, torch_dtype: torch.dtype = tor
 
 def _lm_name(model) -> str:
     return getattr(model.config, "name_or_path", "") or type(model).__name__
+
+
+def check_vocab_mode(mode: str, init: str, name: str = "mode") -> None:
+    """Refuse unknown vocabulary modes and inits, and an init given to shared mode (`name`: the argument's name)."""
+    if mode not in VOCAB_MODES:
+        raise ValueError(f"unknown vocabulary mode {name}={mode!r}; choose one of {VOCAB_MODES}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    if mode == "shared" and init != "vocab":
+        raise ValueError(f"init applies to {name}='new' only; shared mode reuses the LM's own rows")
 
 
 # ---------------------------------------------------------------------------- the layout
@@ -256,12 +266,7 @@ class ImageLM:
         """
         from tokenizers import AddedToken
 
-        if mode not in VOCAB_MODES:
-            raise ValueError(f"unknown vocabulary mode {mode!r}; choose one of {VOCAB_MODES}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
-        if mode == "shared" and init != "vocab":
-            raise ValueError("init applies to mode='new' only; shared mode reuses the LM's own rows")
+        check_vocab_mode(mode, init)
         if image_tokenizer.config["quantizer"] != "vocab":
             raise ValueError("the image tokenizer uses quantizer='vq'; its codes are not LLM tokens. Use 'vocab'")
         vocab = image_tokenizer.vocabulary
@@ -479,12 +484,13 @@ class ImageLM:
 
     # ------------------------------------------------------------------ saving
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write the LM, its tokenizer and ``v2flow_lm.json`` into `path`, atomically."""
+    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the LM, its tokenizer and ``v2flow_lm.json`` into `path`, atomically (an existing directory
+        is replaced, with `overwrite`, only once the new one is complete)."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise FileExistsError(f"{path} exists and is not empty; choose a new directory")
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose a new directory")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             self.model.save_pretrained(tmp)
@@ -493,10 +499,7 @@ class ImageLM:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if path.exists():
-            path.rmdir()
-        tmp.rename(path)
-        return path
+        return replace_dir(tmp, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32) -> ImageLM:

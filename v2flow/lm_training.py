@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .classifier import DigitClassifier
 from .data import load_mnist
-from .llm import ImageLM, load_causal_lm
+from .llm import ImageLM, check_vocab_mode, load_causal_lm
 from .tokenizer import V2FlowTokenizer
 from .training import warmup_cosine
 from .utils import save_image_grid
@@ -214,14 +214,7 @@ class ImageLMModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        from .llm import INITS, VOCAB_MODES
-
-        if vocab_mode not in VOCAB_MODES:
-            raise ValueError(f"unknown vocab_mode {vocab_mode!r}; choose one of {VOCAB_MODES}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
-        if vocab_mode == "shared" and init != "vocab":
-            raise ValueError("init applies to vocab_mode='new' only")
+        check_vocab_mode(vocab_mode, init, name="vocab_mode")
         if eval_samples_per_digit and judge is None:
             raise ValueError("eval_samples_per_digit > 0 needs a judge classifier directory")
         if eval_temperature <= 0:

@@ -30,6 +30,7 @@ from .masked_transformer import MaskedTransformer
 from .ordering import PREFIX_SAMPLING, SELFTOK_STAGES, OrderSchedule, sample_prefix_lengths
 from .resampler import VocabularyResampler, perplexity
 from .sampling import SOLVERS, masked_flow_sample
+from .utils import replace_dir
 from .velocity import TIME_SAMPLING, VelocityHead, flow_matching_loss, sample_time
 from .vocab import LLMVocabulary
 
@@ -670,14 +671,7 @@ class V2FlowTokenizer(nn.Module):
             "token_strings": self.vocabulary.token_strings,
         }
         (tmp / VOCAB_NAME).write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-        return path
+        return replace_dir(tmp, path)
 
     @classmethod
     def from_config(cls, config: dict) -> V2FlowTokenizer:

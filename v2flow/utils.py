@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,15 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, padding: 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
     """Write one (C, H, W) image in [-1, 1] as PNG."""
     return save_image_grid(image[None], path, nrow=1, padding=0)
+
+
+def replace_dir(staged: Path, path: Path) -> Path:
+    """Move the complete directory `staged` to `path`; an existing `path` is moved aside first and deleted only
+    once the new one is in place, so a failure never leaves `path` damaged or missing."""
+    if path.exists():
+        old = path.rename(path.with_name(f".{path.name}.old{os.getpid()}"))
+        staged.rename(path)
+        shutil.rmtree(old)
+    else:
+        staged.rename(path)
+    return path
