@@ -8,6 +8,7 @@
 * ``v2flow encode``: image files -> token ids (JSON or .pt, with the LLM token strings beside them).
 * ``v2flow decode``: token ids -> PNG images.
 * ``v2flow reconstruct``: image files -> ids -> images, plus a comparison grid and PSNR/SSIM.
+* ``v2flow cache-latents``: an image folder -> sharded autoencoder latents (resumable), to train from.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-TOOL_COMMANDS = ("export", "encode", "decode", "reconstruct")
+TOOL_COMMANDS = ("export", "encode", "decode", "reconstruct", "cache-latents")
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True, task: str = "tokenizer"):
@@ -150,8 +151,58 @@ def tool_main(argv: list[str]) -> int:
     p.add_argument("--resize", action="store_true")
     _decode_options(p)
 
+    p = sub.add_parser("cache-latents", help="image folder -> sharded latents of a frozen diffusers autoencoder")
+    p.add_argument("--autoencoder", required=True, help="diffusers autoencoder directory or hub id")
+    p.add_argument("--subfolder", default=None, help="its sub-directory, e.g. vae")
+    p.add_argument("--data", required=True, help="image folder (recursive)")
+    p.add_argument("--image-size", type=int, required=True, help="resize (shorter side) and centre-crop to this")
+    p.add_argument("-o", "--output", required=True, help="cache directory; an interrupted cache resumes")
+    p.add_argument("--no-hflip", action="store_true", help="do not store flipped latents")
+    p.add_argument("--shard-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+
     a = parser.parse_args(argv)
-    return {"export": _export, "encode": _encode, "decode": _decode, "reconstruct": _reconstruct}[a.command](a)
+    commands = {
+        "export": _export,
+        "encode": _encode,
+        "decode": _decode,
+        "reconstruct": _reconstruct,
+        "cache-latents": _cache_latents,
+    }
+    return commands[a.command](a)
+
+
+def _cache_latents(a: argparse.Namespace) -> int:
+    from .latent_cache import cache_latents
+
+    index = cache_latents(
+        a.autoencoder,
+        a.data,
+        a.output,
+        image_size=a.image_size,
+        subfolder=a.subfolder,
+        hflip=not a.no_hflip,
+        shard_size=a.shard_size,
+        batch_size=a.batch_size,
+        num_workers=a.num_workers,
+        dtype=a.dtype,
+        device=a.device,
+    )
+    meta = index["meta"]
+    print(
+        json.dumps(
+            {
+                "output": a.output,
+                "images": meta["num_images"],
+                "shards": len(index["shards"]),
+                "latent_shape": meta["latent_shape"],
+            }
+        )
+    )
+    return 0
 
 
 def _checkpoint_kind(path: str) -> str:

@@ -37,8 +37,10 @@ from .vocab import LLMVocabulary
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 VOCAB_NAME = "vocab.json"
+AUTOENCODER_DIR = "autoencoder"
 RANGE_TOLERANCE = 1e-3
 TOKEN_ORDERS = ("unordered", "ordered")
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64)
 
 
 @dataclass
@@ -56,9 +58,11 @@ class EncodeOutput:
 
 @dataclass
 class DecodeOutput:
-    """images (B, C, H, W) in [-1, 1]."""
+    """images (B, C, H, W) in [-1, 1]; latents (B, c, h, w): the first stage's latents they were decoded from
+    (the unclipped pixels for ``first_stage="pixels"``)."""
 
     images: torch.Tensor
+    latents: torch.Tensor | None = None
 
 
 @dataclass
@@ -97,7 +101,13 @@ class V2FlowTokenizer(nn.Module):
         image_size: height = width of the images (a multiple of ``patch_size``).
         in_channels: image channels (1 for MNIST, 3 for RGB).
         patch_size: side of the square patches the encoder and decoder work on.
-        first_stage: ``"pixels"``.
+        first_stage: ``"pixels"``, or ``"autoencoder"``: tokens of the latents of a frozen diffusers autoencoder
+            (see :mod:`v2flow.first_stage`); ``patch_size`` then counts latent pixels.
+        autoencoder: the autoencoder's local directory or hub id, where training loads it from
+            (``first_stage="autoencoder"``; a pretrained tokenizer carries its own copy).
+        autoencoder_subfolder: its sub-directory in `autoencoder` (``"vae"`` in a pipeline repository).
+        latent_channels, latent_downsample: the autoencoder's latent channels and spatial compression (checked
+            when it is installed).
         num_tokens: N, tokens per image (independent of the image size).
         encoder_dim, encoder_depth, encoder_heads: the query encoder (ViT).
         encoder_query_modulation: give every query position its own shift/scale from an embedding of its
@@ -135,6 +145,10 @@ class V2FlowTokenizer(nn.Module):
         in_channels: int = 1,
         patch_size: int = 4,
         first_stage: str = "pixels",
+        autoencoder: str | None = None,
+        autoencoder_subfolder: str | None = None,
+        latent_channels: int | None = None,
+        latent_downsample: int | None = None,
         num_tokens: int = 32,
         encoder_dim: int = 192,
         encoder_depth: int = 4,
@@ -213,7 +227,15 @@ class V2FlowTokenizer(nn.Module):
         self.schedule = OrderSchedule(num_tokens, order_stages or SELFTOK_STAGES) if token_order == "ordered" else None
         if sample_solver == "dopri5" and sample_shift != 1.0:
             raise ValueError("sample_shift changes fixed-step grids only; use sample_shift=1.0 with dopri5")
-        self.first_stage = build_first_stage(first_stage, in_channels=in_channels, image_size=image_size)
+        if first_stage != "autoencoder" and (autoencoder is not None or autoencoder_subfolder is not None):
+            raise ValueError("autoencoder / autoencoder_subfolder apply to first_stage='autoencoder' only")
+        self.first_stage = build_first_stage(
+            first_stage,
+            in_channels=in_channels,
+            image_size=image_size,
+            latent_channels=latent_channels,
+            latent_downsample=latent_downsample,
+        )
         latent_size, latent_channels = self.first_stage.latent_size, self.first_stage.latent_channels
         if latent_size % patch_size:
             raise ValueError(f"latent size {latent_size} is not a multiple of patch_size {patch_size}")
@@ -288,6 +310,40 @@ class V2FlowTokenizer(nn.Module):
         self.resampler.vocabulary = vocabulary.to(device)
         self.vocabulary_installed = True
 
+    def set_autoencoder(self, autoencoder: nn.Module) -> None:
+        """Install the frozen diffusers autoencoder of ``first_stage="autoencoder"`` (checked against the config)."""
+        if self.config["first_stage"] != "autoencoder":
+            raise ValueError(f"this tokenizer's first_stage is {self.config['first_stage']!r}; it takes no autoencoder")
+        self.first_stage.set_autoencoder(autoencoder)
+
+    def check_latents(self, latents: torch.Tensor, check_values: bool = True) -> None:
+        """Raise a ValueError naming the problem unless latents are finite floats (B, c, h, w) of the first stage.
+
+        `check_values=False` checks type and shape only (no device-to-host sync)."""
+        c, s = self.first_stage.latent_channels, self.first_stage.latent_size
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or not latents.is_floating_point():
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be a float tensor (B, {c}, {s}, {s}), got {got}")
+        if latents.shape[1:] != (c, s, s):
+            raise ValueError(
+                f"latents are {tuple(latents.shape[1:])} but this tokenizer's first stage gives ({c}, {s}, {s}); "
+                "were they cached with another autoencoder or image size?"
+            )
+        if latents.shape[0] == 0:
+            raise ValueError("latents hold an empty batch (B = 0)")
+        if check_values and not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or inf values")
+
+    def _inputs(self, images: torch.Tensor | None, latents: torch.Tensor | None, check_values: bool) -> torch.Tensor:
+        """Patches (B, L, P) of images (through the first stage) or of given latents; exactly one of the two."""
+        if (images is None) == (latents is None):
+            raise ValueError("give images or latents (exactly one of the two)")
+        if latents is not None:
+            self.check_latents(latents, check_values=check_values)
+            return patchify(latents, self.config["patch_size"])
+        self.check_images(images, check_values=check_values)
+        return self._patches(images)
+
     def token_strings(self, ids: torch.Tensor) -> list:
         """LLM token strings of ids (B, N) (``quantizer="vocab"`` only)."""
         if self.config["quantizer"] != "vocab":
@@ -300,7 +356,13 @@ class V2FlowTokenizer(nn.Module):
     def check_images(self, images: torch.Tensor, check_values: bool = True) -> None:
         """Raise a ValueError naming the problem unless images are (B, C, H, W) floats in [-1, 1].
 
-        `check_values=False` checks type and shape only (no device-to-host sync; used by the training loss)."""
+        The rules, the single place for them: a tensor of 4 axes; floating point of the tokenizer's weight
+        dtype (float32 images for a float32 tokenizer, also under ``torch.autocast``, which does the mixed
+        precision; nothing is cast silently); on the tokenizer's device; C, H, W as configured; at least one
+        image (an empty batch, B = 0, is an error: its loss would be NaN and it has nothing to encode); finite
+        values in [-1, 1] (give or take ``RANGE_TOLERANCE``).
+
+        `check_values=False` checks all but the values (no device-to-host sync; used by the training loss)."""
         c, s = self.config["in_channels"], self.config["image_size"]
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor (B, {c}, {s}, {s}), got {type(images).__name__}")
@@ -309,6 +371,20 @@ class V2FlowTokenizer(nn.Module):
             raise ValueError(f"images must have 4 axes (B, C, H, W), got shape {tuple(images.shape)};{hint}")
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}; use x.float() / 127.5 - 1")
+        weight = next(self.encoder.parameters())
+        autoencoder = getattr(self.first_stage, "autoencoder", None)  # it, when installed, reads the images
+        dtype = next(autoencoder.parameters()).dtype if autoencoder is not None else weight.dtype
+        if images.dtype != dtype:
+            raise ValueError(
+                f"images are {images.dtype} but this tokenizer computes in {dtype}; convert them with "
+                f"images.to({dtype}) (images.float() for float32), and for mixed precision keep {dtype} images "
+                "and run under torch.autocast"
+            )
+        if images.device != weight.device:
+            raise ValueError(
+                f"images are on {images.device} but this tokenizer is on {weight.device}; "
+                f"move them with images.to('{weight.device}')"
+            )
         if images.shape[1] != c:
             raise ValueError(f"images have {images.shape[1]} channels but this tokenizer expects {c}")
         if images.shape[-2:] != (s, s):
@@ -316,10 +392,15 @@ class V2FlowTokenizer(nn.Module):
                 f"images are {images.shape[-2]}x{images.shape[-1]} but this tokenizer expects {s}x{s}; "
                 "resize or crop them first (v2flow.data.load_image does it on request)"
             )
+        if images.shape[0] == 0:
+            raise ValueError(
+                f"images hold an empty batch (shape {tuple(images.shape)}); pass at least one image "
+                "(skip empty batches before calling)"
+            )
         if not check_values:
             return
         if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or inf values")
+            raise ValueError("images contain NaN or inf values; replace or drop those images first")
         lo, hi = float(images.min()), float(images.max())
         if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
             raise ValueError(
@@ -328,23 +409,37 @@ class V2FlowTokenizer(nn.Module):
             )
 
     def _ids_to_indices(self, ids: torch.Tensor, prefix: bool = False) -> torch.Tensor:
+        """Validate ids (B, N) (or a prefix (B, k) when `prefix`) and map them to row indices (B, N) (int64).
+
+        Any integer dtype is read exactly (uint64 included); floats, bool and complex are refused, not cast.
+        Ids on another device than the tokenizer are moved to it (they are indices, not data to compute on)."""
         n = self.config["num_tokens"]
-        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"ids must be an integer tensor (B, {n}), got {getattr(ids, 'dtype', type(ids))}")
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"ids must be a torch.Tensor of integer token ids (B, {n}), got {type(ids).__name__}")
+        if ids.dtype not in _INTEGER_DTYPES:
+            raise ValueError(
+                f"ids must be an integer tensor (B, {n}), got {ids.dtype}; use the int64 ids that encode() returns"
+            )
         if ids.ndim != 2 or (ids.shape[1] != n and not prefix):
-            raise ValueError(f"ids must have shape (B, {n}), got {tuple(ids.shape)}")
-        ids = ids.long().to(self.vocabulary.token_ids.device)
+            hint = "; add a batch axis with ids[None]" if ids.ndim == 1 else ""
+            raise ValueError(f"ids must have shape (B, {n}), got {tuple(ids.shape)}{hint}")
+        if ids.shape[0] == 0:
+            raise ValueError(f"ids hold an empty batch (shape {tuple(ids.shape)}); pass at least one sequence")
+        if ids.is_meta:
+            raise ValueError("ids are on the meta device and hold no values; pass real ids (from encode())")
+        values = ids.to(self.vocabulary.token_ids.device)  # the given dtype, for exact messages (uint64 > 2**63)
+        ids = values.long()  # uint64 ids >= 2**63 wrap to negative numbers: refused below as outside the range
         if self.config["quantizer"] == "vq":
             k = self.resampler.num_codes
             bad = (ids < 0) | (ids >= k)
             if bad.any():
-                raise ValueError(f"ids {ids[bad].unique()[:8].tolist()} are outside the codebook [0, {k})")
+                raise ValueError(f"ids {values[bad].unique()[:8].tolist()} are outside the codebook [0, {k})")
             return ids
         size = self.vocabulary.llm_vocab_size
         outside = (ids < 0) | (ids >= size)
         if outside.any():
             raise ValueError(
-                f"ids {ids[outside].unique()[:8].tolist()} are not token ids of {self.vocabulary.llm_name!r} "
+                f"ids {values[outside].unique()[:8].tolist()} are not token ids of {self.vocabulary.llm_name!r} "
                 f"(vocabulary size {size})"
             )
         lookup = torch.full((size,), -1, dtype=torch.long, device=ids.device)
@@ -369,10 +464,6 @@ class V2FlowTokenizer(nn.Module):
     def _patches(self, images: torch.Tensor) -> torch.Tensor:
         return patchify(self.first_stage.encode(images), self.config["patch_size"])  # (B, L, P)
 
-    def _images(self, patches: torch.Tensor) -> torch.Tensor:
-        size = self.first_stage.latent_size
-        return self.first_stage.decode(unpatchify(patches, self.config["patch_size"], size, size))
-
     def sample_mask(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, L) bool training mask: one ratio per batch from a truncated normal, random positions per sample."""
         lo, hi, std = self.config["mask_ratio_min"], self.config["mask_ratio_max"], self.config["mask_ratio_std"]
@@ -386,17 +477,23 @@ class V2FlowTokenizer(nn.Module):
 
     # ------------------------------------------------------------------ training objective
 
-    def loss(self, images: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
-        """Training loss on a batch of images (B, C, H, W): flow matching on masked patches plus regularisers."""
+    def loss(
+        self,
+        images: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Training loss on a batch of images (B, C, H, W), or of cached first-stage latents (B, c, h, w):
+        flow matching on masked patches plus regularisers."""
         self._require_vocabulary()
-        self.check_images(images, check_values=False)
-        patches = self._patches(images)  # (B, L, P)
+        patches = self._inputs(images, latents, check_values=False)  # (B, L, P)
         out = self.resampler(self.encoder(patches), generator)
-        b = images.shape[0]
-        mask = self.sample_mask(b, images.device, generator)
-        drop = _rand((b,), generator, images.device) < self.config["cond_drop_prob"]
-        t, visible = self._ordered_times(b, images.device, generator)
-        keep = self._truncation(b, images.device, generator) if self.training else None
+        b, device = patches.shape[0], patches.device
+        mask = self.sample_mask(b, device, generator)
+        drop = _rand((b,), generator, device) < self.config["cond_drop_prob"]
+        t, visible = self._ordered_times(b, device, generator)
+        keep = self._truncation(b, device, generator) if self.training else None
         cond = self.decoder(
             out.embeddings, patches, mask, drop if self.training else None, token_mask=visible, token_keep=keep
         )  # (B, L, D)
@@ -456,22 +553,24 @@ class V2FlowTokenizer(nn.Module):
         )
 
     @torch.no_grad()
-    def token_usefulness(self, images: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    def token_usefulness(
+        self, images: torch.Tensor | None = None, seed: int = 0, *, latents: torch.Tensor | None = None
+    ) -> dict[str, float]:
         """How much the decoder relies on the tokens: the flow loss (all patches masked, as at decoding) with the
         true tokens and with tokens shuffled across the batch, under identical noise and times."""
         self._require_vocabulary()
-        self.check_images(images)
         was_training = self.training
         self.eval()
         try:
-            patches = self._patches(images)
+            patches = self._inputs(images, latents, check_values=True)  # (B, L, P)
+            b, device = patches.shape[0], patches.device
             indices = self.resampler(self.encoder(patches)).indices
-            mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=images.device)
+            mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=device)
             result = {}
             shuffled = indices.roll(1, dims=0)
             for name, idx in (("true", indices), ("shuffled", shuffled)):
-                generator = torch.Generator(device=images.device).manual_seed(seed)
-                t, visible = self._ordered_times(len(images), images.device, generator)
+                generator = torch.Generator(device=device).manual_seed(seed)
+                t, visible = self._ordered_times(b, device, generator)
                 cond = self.decoder(self.resampler.embed(idx), patches, mask, token_mask=visible)
                 t = None if t is None else t[:, None].expand(mask.shape)[mask]
                 result[f"flow_loss_{name}"] = float(self._flow_loss(patches[mask], cond[mask], generator, t))
@@ -483,18 +582,20 @@ class V2FlowTokenizer(nn.Module):
     # ------------------------------------------------------------------ public verbs
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, return_probs: bool = False) -> EncodeOutput:
-        """Images (B, C, H, W) in [-1, 1] -> tokens. Deterministic (argmax; no noise at inference).
+    def encode(
+        self, images: torch.Tensor | None = None, return_probs: bool = False, *, latents: torch.Tensor | None = None
+    ) -> EncodeOutput:
+        """Images (B, C, H, W) in [-1, 1] (or cached first-stage latents (B, c, h, w)) -> tokens. Deterministic
+        (argmax; no noise at inference).
 
         Returns:
             :class:`EncodeOutput` with ids (B, N), indices (B, N), soft_embeddings (B, N, d_llm), probs (B, N, K).
         """
         self._require_vocabulary()
-        self.check_images(images)
         was_training = self.training
         self.eval()
         try:
-            out = self.resampler(self.encoder(self._patches(images)))
+            out = self.resampler(self.encoder(self._inputs(images, latents, check_values=True)))
         finally:
             self.train(was_training)
         return EncodeOutput(
@@ -620,7 +721,9 @@ class V2FlowTokenizer(nn.Module):
             )
         finally:
             self.train(was_training)
-        return DecodeOutput(images=self._images(patches).clamp(-1, 1))
+        size = self.first_stage.latent_size
+        latents = unpatchify(patches, cfg["patch_size"], size, size)  # (B, c, h, w)
+        return DecodeOutput(images=self.first_stage.decode(latents).clamp(-1, 1), latents=latents)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, **decode_kwargs) -> ReconstructOutput:
@@ -648,7 +751,8 @@ class V2FlowTokenizer(nn.Module):
         return {**self.config, "temperature": float(self.resampler.temperature)}
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and ``vocab.json`` to `path`.
+        """Write ``config.json``, ``model.safetensors`` and ``vocab.json`` to `path` (and ``autoencoder/``, the
+        frozen diffusers autoencoder, when ``first_stage="autoencoder"``).
 
         All files are written to a temporary sibling directory first; only when it is complete does it
         replace `path` (an existing directory is moved aside, the new one renamed in, the old one deleted),
@@ -671,6 +775,8 @@ class V2FlowTokenizer(nn.Module):
             "token_strings": self.vocabulary.token_strings,
         }
         (tmp / VOCAB_NAME).write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
+        if self.config["first_stage"] == "autoencoder":  # the frozen autoencoder, in diffusers' own format
+            self.first_stage._require(self.vocabulary.embeddings.device).save_pretrained(tmp / AUTOENCODER_DIR)
         return replace_dir(tmp, path)
 
     @classmethod
@@ -726,6 +832,15 @@ class V2FlowTokenizer(nn.Module):
             )
         )
         model.load_state_dict(state)
+        if config.get("first_stage") == "autoencoder":
+            from .first_stage import load_autoencoder
+
+            if not (directory / AUTOENCODER_DIR).is_dir():
+                raise FileNotFoundError(
+                    f"{directory} has no {AUTOENCODER_DIR}/ directory, but its config has first_stage='autoencoder'; "
+                    "re-export the tokenizer with save_pretrained after installing the autoencoder"
+                )
+            model.set_autoencoder(load_autoencoder(directory / AUTOENCODER_DIR))
         return model.to(map_location).eval()
 
 

@@ -120,6 +120,7 @@ class V2FlowModule(L.LightningModule):
             tokenizer.set_vocabulary(
                 LLMVocabulary.load(cfg["vocab_source"], cfg["num_entries"], cfg["vocab_selection"])
             )
+        install_autoencoder(tokenizer)
         self.psnr = MeanMetric()  # mean of per-image PSNR, as benchmarks/reconstruction.py reports it
         self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
         # a plain attribute, not a buffer: the EMA callback swaps every buffer in and out around validation
@@ -144,18 +145,28 @@ class V2FlowModule(L.LightningModule):
         self.tokenizer.resampler.temperature = temperature
         return temperature
 
+    @staticmethod
+    def _inputs(batch) -> dict[str, torch.Tensor]:
+        """``{"images": ...}`` from an (images, labels) batch, or ``{"latents": ...}`` from a latent-cache batch."""
+        if isinstance(batch, dict):
+            if "latents" not in batch:
+                raise ValueError(f"a dict batch must hold 'latents' (a latent cache); got keys {sorted(batch)}")
+            return {"latents": batch["latents"]}
+        return {"images": batch[0] if isinstance(batch, (list, tuple)) else batch}
+
     def _step(self, batch, stage: str, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        inputs = self._inputs(batch)
+        size = next(iter(inputs.values())).shape[0]
         if stage == "train":
             generator = self._generator(batch_idx)
         else:  # the same masks, times and noise at every validation: comparable numbers across a run
             generator = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
-        out = self.tokenizer.loss(images, generator=generator)
+        out = self.tokenizer.loss(generator=generator, **inputs)
         log = {f"{stage}/{k}": v.detach() for k, v in out.parts.items()}
         log[f"{stage}/loss"] = out.loss.detach()
         sync = stage != "train"
-        self.log_dict(log, prog_bar=False, sync_dist=sync, batch_size=images.shape[0])
-        self.log(f"{stage}_loss", out.loss.detach(), prog_bar=True, sync_dist=sync, batch_size=images.shape[0])
+        self.log_dict(log, prog_bar=False, sync_dist=sync, batch_size=size)
+        self.log(f"{stage}_loss", out.loss.detach(), prog_bar=True, sync_dist=sync, batch_size=size)
         return out.loss, out.indices
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -178,9 +189,9 @@ class V2FlowModule(L.LightningModule):
         self._eval_step(batch, batch_idx, "test")
 
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        inputs = self._inputs(batch)
         self._step(batch, stage, batch_idx)
-        ids = self.tokenizer.encode(images)
+        ids = self.tokenizer.encode(**inputs)
         self._val_counts += torch.bincount(ids.indices.flatten(), minlength=self._val_counts.numel())
         if batch_idx >= self.hparams.val_recon_batches:
             return
@@ -192,10 +203,18 @@ class V2FlowModule(L.LightningModule):
             num_iters=self.hparams.val_num_iters,
             generator=generator,
         ).images
+        # from a latent cache the reference is the autoencoder's decoding of the cached latents (the pixels the
+        # tokenizer was given), so PSNR/SSIM measure the tokenizer alone
+        images = (
+            inputs["images"]
+            if "images" in inputs
+            else self.tokenizer.first_stage.decode(inputs["latents"]).clamp(-1, 1)
+        )
         self.psnr.update(psnr_per_image(recon, images))
         self.ssim.update(recon, images)
         if batch_idx == 0:
-            useful = self.tokenizer.token_usefulness(images[: max(2, min(len(images), 128))])
+            name, x = next(iter(inputs.items()))
+            useful = self.tokenizer.token_usefulness(**{name: x[: max(2, min(len(x), 128))]})
             self.log(f"{stage}/shuffle_gap", useful["shuffle_gap"], sync_dist=True)
             if self.trainer.is_global_zero:
                 self._write_grid(images, recon, stage)
@@ -298,4 +317,20 @@ def tokenizer_from_checkpoint(path: str | Path, map_location: str = "cpu", weigh
         raise ValueError(
             f"checkpoint {path} does not match its tokenizer config: missing {missing}, unexpected {unexpected}"
         )
+    install_autoencoder(tokenizer)  # frozen, so not in the checkpoint: loaded from where the config says
     return tokenizer.eval()
+
+
+def install_autoencoder(tokenizer: V2FlowTokenizer) -> None:
+    """Load and install the frozen autoencoder named by the config of a ``first_stage="autoencoder"`` tokenizer
+    that has none yet (training start, rebuilding from a checkpoint)."""
+    cfg = tokenizer.config
+    if cfg["first_stage"] != "autoencoder" or tokenizer.first_stage.ready:
+        return
+    if cfg["autoencoder"] is None:
+        raise ValueError(
+            "first_stage='autoencoder' needs the key autoencoder: a local diffusers autoencoder directory or hub id"
+        )
+    from .first_stage import load_autoencoder
+
+    tokenizer.set_autoencoder(load_autoencoder(cfg["autoencoder"], cfg["autoencoder_subfolder"]))

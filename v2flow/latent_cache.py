@@ -1,0 +1,235 @@
+"""Latent caching: encode an image folder once through a frozen diffusers autoencoder, train from the cache.
+
+Layout of a cache directory::
+
+    index.json                      what was encoded (autoencoder, image size, files, shards done)
+    shard-00000.safetensors         "latents" (n, c, h, w) and, with flips, "latents_flipped" (n, c, h, w)
+    shard-00001.safetensors
+    ...
+
+Latents are the first stage's scaled latents (``(z - shift) * scale``, the posterior mean), exactly what
+``V2FlowTokenizer.loss(latents=...)`` takes. Every shard is written to a temporary name and renamed, and the
+index is rewritten (atomically) after each shard, so an interrupted ``v2flow cache-latents`` resumes at the
+first shard that is not in the index; a cache made with another autoencoder, image size or file list is
+refused rather than extended.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import ImageFileDataset, _ImageDataModule, list_images
+from .first_stage import AutoencoderFirstStage, autoencoder_downsample, load_autoencoder
+
+INDEX_NAME = "index.json"
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _files_digest(files: list[str]) -> str:
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+
+
+def cache_latents(
+    autoencoder: str | Path,
+    data: str | Path,
+    output: str | Path,
+    *,
+    image_size: int,
+    subfolder: str | None = None,
+    hflip: bool = True,
+    shard_size: int = 4096,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    max_shards: int | None = None,
+) -> dict:
+    """Encode every image under `data` (resized, centre-cropped to `image_size`, RGB) into a sharded cache.
+
+    Args:
+        autoencoder: a diffusers autoencoder directory or hub id (see :func:`load_autoencoder`).
+        data: an image folder (recursive).
+        output: the cache directory (created; an existing compatible cache is resumed).
+        image_size: side of the images given to the autoencoder.
+        subfolder: the autoencoder's sub-directory (``"vae"`` in a pipeline repository).
+        hflip: also store the latents of the horizontally flipped images (training augmentation).
+        shard_size: images per shard file.
+        batch_size, num_workers: the encoding loader.
+        dtype: storage dtype of the latents: ``float32``, ``float16`` or ``bfloat16``.
+        device: where the autoencoder runs.
+        max_shards: stop after writing this many new shards (None: all), e.g. to split the work.
+
+    Returns:
+        the index (a dict, also written to ``index.json``).
+    """
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(CACHE_DTYPES)}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+    root, output = Path(data), Path(output)
+    files = list_images(root)
+    names = [str(f.relative_to(root)) for f in files]
+    model = load_autoencoder(autoencoder, subfolder).to(device)
+    config = model.config
+    first_stage = AutoencoderFirstStage(
+        in_channels=config.get("in_channels", 3),
+        image_size=image_size,
+        latent_channels=config["latent_channels"],
+        latent_downsample=autoencoder_downsample(model),
+    )
+    first_stage.set_autoencoder(model)
+    meta = {
+        "autoencoder": str(autoencoder),
+        "autoencoder_subfolder": subfolder,
+        "autoencoder_class": type(model).__name__,
+        "scaling_factor": first_stage.scaling_factor,
+        "shift_factor": first_stage.shift_factor,
+        "image_size": image_size,
+        "latent_shape": [first_stage.latent_channels, first_stage.latent_size, first_stage.latent_size],
+        "hflip": hflip,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "num_images": len(files),
+        "files_digest": _files_digest(names),
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    index_path = output / INDEX_NAME
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        differs = {k: (index["meta"].get(k), v) for k, v in meta.items() if index["meta"].get(k) != v}
+        if differs:
+            raise ValueError(
+                f"{output} holds a cache made with other settings ({differs}); choose another output directory "
+                "or delete it"
+            )
+    else:
+        index = {"meta": meta, "files": names, "shards": []}
+        _write_json(index_path, index)
+    done = {shard["file"] for shard in index["shards"]}
+    num_shards = (len(files) + shard_size - 1) // shard_size
+    todo = [i for i in range(num_shards) if f"shard-{i:05d}.safetensors" not in done]
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    channels = first_stage.in_channels
+    for i in tqdm(todo, desc=f"caching latents of {len(files)} images", unit="shard"):
+        start, stop = i * shard_size, min((i + 1) * shard_size, len(files))
+        loader = DataLoader(
+            ImageFileDataset(files[start:stop], image_size, channels), batch_size=batch_size, num_workers=num_workers
+        )
+        parts: dict[str, list[torch.Tensor]] = {"latents": [], "latents_flipped": []}
+        for images, _ in loader:
+            images = images.to(device)
+            parts["latents"].append(first_stage.encode(images).to(CACHE_DTYPES[dtype]).cpu())
+            if hflip:
+                parts["latents_flipped"].append(first_stage.encode(images.flip(-1)).to(CACHE_DTYPES[dtype]).cpu())
+        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
+        name = f"shard-{i:05d}.safetensors"
+        tmp = output / f".{name}.tmp{os.getpid()}"
+        save_file(tensors, tmp, metadata={"first": str(start), "count": str(stop - start)})
+        tmp.replace(output / name)
+        index["shards"].append({"file": name, "first": start, "count": stop - start})
+        index["shards"].sort(key=lambda shard: shard["first"])
+        _write_json(index_path, index)
+    index["complete"] = len(index["shards"]) == num_shards
+    _write_json(index_path, index)
+    return index
+
+
+def read_index(root: str | Path) -> dict:
+    """The index of a complete latent cache; clear errors for a missing or unfinished one."""
+    root = Path(root)
+    path = root / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{root} is not a latent cache (no {INDEX_NAME}); write one with `v2flow cache-latents`"
+        )
+    index = json.loads(path.read_text())
+    if not index.get("complete"):
+        done, total = len(index["shards"]), -(-index["meta"]["num_images"] // index["meta"]["shard_size"])
+        raise ValueError(
+            f"the latent cache {root} is unfinished ({done} of {total} shards); re-run `v2flow cache-latents` to resume it"
+        )
+    return index
+
+
+class LatentCacheDataset(Dataset):
+    """Items ``{"latents": (c, h, w) float32}`` of a latent cache; with `hflip`, the stored flipped latents half
+    of the time. Shards are memory-mapped (opened lazily, once per worker)."""
+
+    def __init__(self, root: str | Path, rows: list[int] | None = None, hflip: bool = False) -> None:
+        self.root = Path(root)
+        self.index = read_index(self.root)
+        self.hflip = hflip and self.index["meta"]["hflip"]
+        self.rows = list(range(self.index["meta"]["num_images"])) if rows is None else rows
+        self._starts = [shard["first"] for shard in self.index["shards"]]
+        self._handles: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self) -> dict:  # open file handles do not travel to worker processes
+        return {**self.__dict__, "_handles": {}}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.rows[i]
+        shard = self.index["shards"][bisect.bisect_right(self._starts, row) - 1]
+        handle = self._handles.get(shard["file"])
+        if handle is None:
+            handle = self._handles[shard["file"]] = safe_open(self.root / shard["file"], framework="pt")
+        key = "latents_flipped" if self.hflip and torch.rand(()) < 0.5 else "latents"
+        return {"latents": handle.get_slice(key)[row - shard["first"]].float()}
+
+
+class LatentCacheDataModule(_ImageDataModule):
+    """Trains from a latent cache written by ``v2flow cache-latents``: batches ``{"latents": (B, c, h, w)}``.
+
+    A seeded `val_fraction` of the cached images is held out for validation (and test), never flipped. The
+    training module measures PSNR/SSIM against the autoencoder's decoding of the cached latents.
+
+    Args:
+        root: the cache directory.
+        batch_size, eval_batch_size, num_workers: the loaders.
+        val_fraction: share of the images held out.
+        hflip: use the stored flipped latents for half of the training items.
+        split_seed: seed of the held-out split.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.01,
+        hflip: bool = True,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.root, self.val_fraction, self.hflip, self.split_seed = root, val_fraction, hflip, split_seed
+
+    def setup(self, stage: str | None = None) -> None:
+        n = read_index(self.root)["meta"]["num_images"]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        n_val = max(1, round(n * self.val_fraction))
+        if n - n_val < 1:
+            raise ValueError(f"the latent cache {self.root} has {n} images: too few to hold out {n_val} and train")
+        self.val_set = self.test_set = LatentCacheDataset(self.root, sorted(order[:n_val]))
+        self.train_set = LatentCacheDataset(self.root, sorted(order[n_val:]), hflip=self.hflip)
