@@ -104,20 +104,33 @@ def _image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _load_images(files: list[Path], tokenizer, resize: bool):
-    import torch
+def _image_batches(files: list[Path], tokenizer, resize: bool, batch_size: int, desc: str):
+    """Stream the files as (B, C, H, W) batches in [-1, 1] (bounded memory), with a progress bar."""
+    from torch.utils.data import DataLoader, Dataset
+    from tqdm.auto import tqdm
 
     from .data import load_image
 
     cfg = tokenizer.config
-    images = [load_image(f, cfg["in_channels"], cfg["image_size"] if resize else None) for f in files]
-    for f, im in zip(files, images, strict=True):
-        if im.shape[-2:] != (cfg["image_size"],) * 2:
-            raise ValueError(
-                f"{f} is {im.shape[-1]}x{im.shape[-2]} but the tokenizer expects {cfg['image_size']}x{cfg['image_size']}; "
-                "pass --resize to resize and centre-crop"
-            )
-    return torch.stack(images)
+    size = cfg["image_size"]
+
+    class Files(Dataset):
+        def __len__(self) -> int:
+            return len(files)
+
+        def __getitem__(self, i: int):
+            image = load_image(files[i], cfg["in_channels"], size if resize else None)
+            if image.shape[-2:] != (size, size):
+                raise ValueError(
+                    f"{files[i]} is {image.shape[-1]}x{image.shape[-2]} but the tokenizer expects {size}x{size}; "
+                    "pass --resize to resize and centre-crop"
+                )
+            return image
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    loader = DataLoader(Files(), batch_size=batch_size)
+    return tqdm(loader, desc=desc, unit="batch", disable=None)
 
 
 def tool_main(argv: list[str]) -> int:
@@ -136,6 +149,7 @@ def tool_main(argv: list[str]) -> int:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-o", "--output", required=True, help="output .json or .pt")
     p.add_argument("--resize", action="store_true", help="resize and centre-crop images to the tokenizer's size")
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (memory stays bounded)")
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("decode", help="token ids -> images")
@@ -149,6 +163,8 @@ def tool_main(argv: list[str]) -> int:
     p.add_argument("inputs", nargs="+")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--resize", action="store_true")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (memory stays bounded)")
+    p.add_argument("--grid-size", type=int, default=16, help="images in comparison.png (the first ones)")
     _decode_options(p)
 
     p = sub.add_parser("cache-latents", help="image folder -> sharded latents of a frozen diffusers autoencoder")
@@ -295,12 +311,14 @@ def _read_ids(path: Path):
 
 
 def _encode(a: argparse.Namespace) -> int:
+    import torch
+
     from .tokenizer import V2FlowTokenizer
 
     tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
     files = _image_files(a.inputs)
-    images = _load_images(files, tokenizer, a.resize).to(a.device)
-    ids = tokenizer.encode(images).ids.cpu()
+    batches = _image_batches(files, tokenizer, a.resize, a.batch_size, "encoding")
+    ids = torch.cat([tokenizer.encode(images.to(a.device)).ids.cpu() for images in batches])
     payload = {"files": [str(f) for f in files], "llm": tokenizer.vocabulary.llm_name}
     out = Path(a.output)
     payload["ids"] = ids if out.suffix == ".pt" else ids.tolist()
@@ -327,28 +345,37 @@ def _decode(a: argparse.Namespace) -> int:
 
 
 def _reconstruct(a: argparse.Namespace) -> int:
-    from .metrics import psnr_ssim
+    import torch
+    from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+    from .metrics import psnr_per_image
     from .tokenizer import V2FlowTokenizer
     from .utils import save_image, save_image_grid
 
     tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
     files = _image_files(a.inputs)
     stems = _output_stems(files)
-    images = _load_images(files, tokenizer, a.resize).to(a.device)
-    out = tokenizer.reconstruct(images, **_decode_kwargs(a, a.device))
     folder = Path(a.output)
-    for stem, image in zip(stems, out.images, strict=True):
-        save_image(image, folder / f"{stem}_recon.png")
-    nrow = min(len(files), 16)
-    rows = [
-        t
-        for start in range(0, len(files), nrow)
-        for t in (images[start : start + nrow], out.images[start : start + nrow])
-    ]
-    import torch
-
+    kwargs = _decode_kwargs(a, a.device)  # one generator for the whole stream
+    psnr, ssim = [], StructuralSimilarityIndexMeasure(data_range=2.0).to(a.device)
+    shown: list[torch.Tensor] = []
+    done = 0
+    for images in _image_batches(files, tokenizer, a.resize, a.batch_size, "reconstructing"):
+        images = images.to(a.device)
+        recon = tokenizer.reconstruct(images, **kwargs).images
+        for image in recon:
+            save_image(image, folder / f"{stems[done]}_recon.png")
+            done += 1
+        psnr.append(psnr_per_image(recon, images).cpu())
+        ssim.update(recon, images)
+        if sum(len(x) for x in shown) < 2 * a.grid_size:
+            keep = a.grid_size - sum(len(x) for x in shown) // 2
+            shown += [images[:keep].cpu(), recon[:keep].cpu()]
+    originals, recons = torch.cat(shown[0::2]), torch.cat(shown[1::2])
+    nrow = min(len(originals), 16)
+    rows = [t for k in range(0, len(originals), nrow) for t in (originals[k : k + nrow], recons[k : k + nrow])]
     save_image_grid(torch.cat(rows), folder / "comparison.png", nrow=nrow)
-    metrics = psnr_ssim(out.images, images)
+    metrics = {"psnr": float(torch.cat(psnr).mean()), "ssim": float(ssim.compute())}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps({"images": len(files), **metrics, "grid": str(folder / "comparison.png")}))
     return 0
