@@ -9,6 +9,20 @@
 * ``v2flow decode``: token ids -> PNG images.
 * ``v2flow reconstruct``: image files -> ids -> images, plus a comparison grid and PSNR/SSIM.
 * ``v2flow cache-latents``: an image folder -> sharded autoencoder latents (resumable), to train from.
+
+Several devices and nodes (DDP; every rank reads its own shard of each epoch's shuffled order):
+
+* one node: ``v2flow fit --config c.yaml --trainer.strategy=ddp --trainer.devices=4`` (Lightning starts the
+  other ranks itself by re-running the command).
+* torchrun, on every node: ``torchrun --nnodes=2 --nproc_per_node=4 --node_rank=$NODE --rdzv_backend=c10d
+  --rdzv_endpoint=$HOST:29500 -m v2flow.cli fit --config c.yaml --trainer.strategy=ddp --trainer.num_nodes=2
+  --trainer.devices=4``.
+* SLURM (``#SBATCH --nodes=2 --ntasks-per-node=4 --gpus-per-node=4``): ``srun v2flow fit --config c.yaml
+  --trainer.strategy=ddp --trainer.num_nodes=2 --trainer.devices=4``; ``--ntasks-per-node`` must equal devices.
+
+``--trainer.num_nodes`` x ``--trainer.devices`` must equal the number of processes the launcher starts. The
+global batch is ``devices x num_nodes x batch_size``. ``--ckpt_path`` resumes mid-epoch exactly with the same
+world size and batch size. ``--trainer.callbacks+=v2flow.training.ReplicaCheck`` checks that ranks stay in step.
 """
 
 from __future__ import annotations

@@ -2,21 +2,29 @@
 
 Every module yields ``(images, labels)`` with images (B, C, H, W) float32 in [-1, 1] (labels are -1 where a
 data set has none).
+
+Training order is resumable: the training loader is a :class:`ResumableDataLoader` over a
+:class:`ResumableSampler`, a permutation seeded by ``(seed, epoch)`` (the seed is the run's ``seed_everything``,
+as for Lightning's own distributed sampler), sharded across ranks, whose position Lightning saves in every
+checkpoint; resuming mid-epoch continues the same order from the next unseen batch.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
@@ -61,6 +69,115 @@ def load_mnist(split: str, path: str | Path | None = None, pad_to: int = 32) -> 
     return images, torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
 
+# ---------------------------------------------------------------------------- resumable training order
+
+
+def _process_group() -> tuple[int, int]:
+    """(world size, rank) of the default process group, (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class ResumableSampler(DistributedSampler):
+    """A shuffled order seeded by ``(seed, epoch)``, sharded across ranks, that can start mid-epoch.
+
+    It is torch's :class:`DistributedSampler` (one permutation shared by all ranks, padded to a multiple of
+    the world size; rank r takes positions r, r + R, r + 2R, ...), so Lightning keeps it instead of injecting
+    its own (it replaces only samplers that are not a DistributedSampler) and calls :meth:`set_epoch` before
+    every epoch. The shard is taken from the default process group when the loader is built (Lightning builds
+    the training loader after it has joined the group); without one it is the whole data set.
+
+    Args:
+        dataset: the data set (sized).
+        seed: seed of the permutations; every rank must use the same.
+        shuffle: shuffle (True) or keep the data set order.
+        num_replicas, rank: the shard; default from the process group.
+
+    ``start`` skips the first ``start`` positions of this rank's shard at the next iteration only (the
+    resumed epoch); it is set by :meth:`ResumableDataLoader.load_state_dict`. ``len()`` stays the full shard:
+    Lightning counts the batches of a resumed epoch from the restored position.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        world, own_rank = _process_group()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = own_rank if rank is None else rank
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        return iter(indices[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler` whose place in the epoch is saved in Lightning checkpoints.
+
+    Lightning 2.6 treats a training loader with ``state_dict``/``load_state_dict`` as stateful: the fit loop
+    stores ``state_dict()`` in the checkpoint (``loops.fit_loop.state_dict.combined_loader``) and, when it
+    resumes mid-epoch, passes it to ``load_state_dict()`` before iterating again. The position is counted
+    where batches leave this loader, so the batches that DataLoader workers have prefetched are not counted;
+    Lightning's own one-batch prefetch is off for loaders with a length, so the count equals the batches
+    trained on when a checkpoint is written. The position is kept as samples of this rank's shard and saved
+    from rank 0; every rank consumes as many, and a resume with another world size continues at the same
+    place of the shared permutation (exact when the consumed total divides by the new world size).
+
+    Iteration starts lazily, at the first batch, so the sampler sees the epoch that Lightning sets after it
+    has created the iterator (this also holds with worker processes).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Lightning may rebuild the loader with another sampler (overfit_batches): it then has no position
+        self._resumable = isinstance(self.sampler, ResumableSampler) and self.batch_size is not None
+        self._epoch, self._first, self._batches = 0, 0, 0
+        self._resume: tuple[int, int] | None = None  # (epoch, start) from load_state_dict
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self._resumable:
+            yield from super().__iter__()
+            return
+        sampler = self.sampler
+        if self._resume is not None:
+            epoch, start = self._resume
+            self._resume = None
+            if epoch == sampler.epoch and start < sampler.num_samples:  # a finished epoch is not resumed
+                sampler.start = start
+        self._epoch, self._first, self._batches = sampler.epoch, sampler.start, 0
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch, the position in this rank's shard (samples) and the world size."""
+        if not self._resumable:
+            return {}
+        position = min(self._first + self._batches * self.batch_size, self.sampler.num_samples)
+        return {"epoch": self._epoch, "samples": position, "num_replicas": self.sampler.num_replicas}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue the saved epoch at the next unseen batch (applied when that epoch is iterated; Lightning
+        sets the epoch itself)."""
+        if not self._resumable or not state_dict:
+            return
+        consumed = state_dict["samples"] * state_dict["num_replicas"]  # positions of the shared permutation
+        self._resume = (state_dict["epoch"], consumed // self.sampler.num_replicas)
+
+
+def training_seed() -> int:
+    """Seed of the training order: the run's ``seed_everything`` (``PL_GLOBAL_SEED``), else 0."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 class _ImageDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int, num_workers: int, eval_batch_size: int | None) -> None:
         super().__init__()
@@ -76,14 +193,11 @@ class _ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() first")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        options = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if train:  # seeded by (seed, epoch), sharded per rank, position saved in checkpoints
+            sampler = ResumableSampler(dataset, seed=training_seed())
+            return ResumableDataLoader(dataset, self.batch_size, sampler=sampler, drop_last=True, **options)
+        return DataLoader(dataset, self.eval_batch_size, shuffle=False, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)
@@ -140,28 +254,53 @@ class MNISTDataModule(_ImageDataModule):
 def load_image(path: str | Path, channels: int = 3, size: int | None = None) -> torch.Tensor:
     """Read an image file as (C, H, W) float32 in [-1, 1].
 
+    The format is read from the content, not the extension (a PNG named .jpg loads). Palette, 1-bit, CMYK and
+    alpha images are converted with Pillow's ``convert`` (alpha is dropped, not composited); 16-bit images
+    (and 32-bit integer ones whose values fit in 16 bits, as older Pillow opens 16-bit PNGs) map [0, 65535]
+    to [-1, 1]. 32-bit float images and integer ones beyond 16 bits have no standard range and are refused.
+
     Args:
         path: the file.
-        channels: 1 (grayscale) or 3 (RGB); palette, 16-bit and alpha images are converted explicitly.
-        size: if given, resize the shorter side to `size` (bicubic) and centre-crop to size x size;
+        channels: 1 (grayscale) or 3 (RGB).
+        size: if given (>= 1), resize the shorter side to `size` (bicubic) and centre-crop to size x size;
             if None the image is returned at its own size.
+
+    Raises:
+        FileNotFoundError: `path` is not a file.
+        ValueError: bad `channels` or `size`; a corrupt, truncated, non-image or unsupported file; an image
+            over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist")
+        raise FileNotFoundError(f"image file {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
+        raise ValueError(f"size must be a positive int (or None for the image's own size), got {size!r}")
+    refused = None  # why a readable image has no defined mapping to [-1, 1]
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(img, dtype=np.float32) / (
-                    65535.0 if img.mode.startswith("I;16") else img.getextrema()[1] or 1
-                )
-                img = Image.fromarray(np.clip(array * 255.0, 0, 255).astype(np.uint8))
-            img = img.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            if img.mode == "F":
+                refused = "it holds 32-bit floats (mode F), which have no standard value range"
+            elif img.mode.startswith("I"):  # I;16* hold 16-bit values, I 32-bit integers
+                array = np.asarray(img, dtype=np.float64)
+                lo, hi = float(array.min()), float(array.max())
+                if lo < 0 or hi > 65535:
+                    refused = f"its {img.mode} values span [{lo:.0f}, {hi:.0f}], beyond the 16-bit range [0, 65535]"
+                else:
+                    img = Image.fromarray(np.rint(array * (255.0 / 65535.0)).astype(np.uint8))
+            if refused is None:
+                img = img.convert("L" if channels == 1 else "RGB")
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"image {path} is too large to read: {err} Pillow refuses images over 2 x PIL.Image.MAX_IMAGE_PIXELS "
+            f"(now {Image.MAX_IMAGE_PIXELS}) pixels; if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS first"
+        ) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise ValueError(f"cannot read image {path}: {err}; the file is corrupt or not an image") from err
+    if refused is not None:
+        raise ValueError(f"cannot map image {path} to [-1, 1]: {refused}; save it as an 8- or 16-bit integer image")
     if size is not None:
         w, h = img.size
         scale = size / min(w, h)

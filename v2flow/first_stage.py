@@ -121,12 +121,6 @@ class AutoencoderFirstStage(nn.Module):
                 f"the {name} does not match the tokenizer config ({detail}); set the tokenizer's keys to the autoencoder's"
             )
         autoencoder.requires_grad_(False).eval()
-        try:  # keep it on the tokenizer's device and dtype
-            anchor = next(p for p in self.parameters())
-        except StopIteration:
-            anchor = None
-        if anchor is not None:
-            autoencoder.to(anchor.device)
         self.__dict__["autoencoder"] = autoencoder
         self.scaling_factor = float(config.get("scaling_factor") or 1.0)
         self.shift_factor = float(config.get("shift_factor") or 0.0)

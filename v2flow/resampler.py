@@ -75,17 +75,26 @@ class CosineCodebook(nn.Module):
     def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor, generator: torch.Generator | None) -> None:
         onehot = F.one_hot(idx, self.codes.shape[0]).type(flat.dtype)  # (M, K)
         counts, sums = onehot.sum(0), onehot.T @ flat  # (K,), (K, d)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # statistics of the global batch: every rank makes the same update
             torch.distributed.all_reduce(counts)
             torch.distributed.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         self.codes.copy_(F.normalize(self.embed_sum, dim=-1))
-        dead = self.cluster_size < self.dead_threshold
-        if dead.any():  # restart dead codes at random inputs of this batch
-            pick = torch.randint(flat.shape[0], (int(dead.sum()),), device=flat.device, generator=generator)
-            self.codes[dead] = flat[pick]
-            self.embed_sum[dead] = flat[pick]
+        dead = self.cluster_size < self.dead_threshold  # the same on every rank
+        if dead.any():  # restart dead codes at random inputs of the (global) batch
+            n_dead = int(dead.sum())
+            pick = torch.randint(flat.shape[0], (n_dead,), device=flat.device, generator=generator)
+            new = flat[pick]  # (n_dead, d)
+            if distributed:  # each rank draws from its own inputs; dead code j takes rank j % world's draw
+                world = torch.distributed.get_world_size()
+                drawn = [torch.empty_like(new) for _ in range(world)]
+                torch.distributed.all_gather(drawn, new)
+                rows = torch.arange(n_dead, device=new.device)
+                new = torch.stack(drawn)[rows % world, rows]
+            self.codes[dead] = new
+            self.embed_sum[dead] = new
             self.cluster_size[dead] = 1.0
 
 

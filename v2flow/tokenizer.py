@@ -40,7 +40,8 @@ VOCAB_NAME = "vocab.json"
 AUTOENCODER_DIR = "autoencoder"
 RANGE_TOLERANCE = 1e-3
 TOKEN_ORDERS = ("unordered", "ordered")
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64)
+# ids may come in any integer dtype; floats, bool and complex are refused, not cast
+_ID_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 @dataclass
@@ -314,7 +315,7 @@ class V2FlowTokenizer(nn.Module):
         """Install the frozen diffusers autoencoder of ``first_stage="autoencoder"`` (checked against the config)."""
         if self.config["first_stage"] != "autoencoder":
             raise ValueError(f"this tokenizer's first_stage is {self.config['first_stage']!r}; it takes no autoencoder")
-        self.first_stage.set_autoencoder(autoencoder)
+        self.first_stage.set_autoencoder(autoencoder.to(self.vocabulary.embeddings.device))  # the tokenizer's device
 
     def check_latents(self, latents: torch.Tensor, check_values: bool = True) -> None:
         """Raise a ValueError naming the problem unless latents are finite floats (B, c, h, w) of the first stage.
@@ -331,6 +332,14 @@ class V2FlowTokenizer(nn.Module):
             )
         if latents.shape[0] == 0:
             raise ValueError("latents hold an empty batch (B = 0)")
+        weight = next(self.encoder.parameters())
+        if latents.dtype != weight.dtype:
+            raise ValueError(
+                f"latents are {latents.dtype} but this tokenizer computes in {weight.dtype}; convert them with "
+                f"latents.to({weight.dtype}) (a float16 cache is read back as float32 by LatentCacheDataset)"
+            )
+        if latents.device != weight.device:
+            raise ValueError(f"latents are on {latents.device} but this tokenizer is on {weight.device}")
         if check_values and not torch.isfinite(latents).all():
             raise ValueError("latents contain NaN or inf values")
 
@@ -416,7 +425,7 @@ class V2FlowTokenizer(nn.Module):
         n = self.config["num_tokens"]
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"ids must be a torch.Tensor of integer token ids (B, {n}), got {type(ids).__name__}")
-        if ids.dtype not in _INTEGER_DTYPES:
+        if ids.dtype not in _ID_DTYPES:
             raise ValueError(
                 f"ids must be an integer tensor (B, {n}), got {ids.dtype}; use the int64 ids that encode() returns"
             )
@@ -427,20 +436,24 @@ class V2FlowTokenizer(nn.Module):
             raise ValueError(f"ids hold an empty batch (shape {tuple(ids.shape)}); pass at least one sequence")
         if ids.is_meta:
             raise ValueError("ids are on the meta device and hold no values; pass real ids (from encode())")
-        values = ids.to(self.vocabulary.token_ids.device)  # the given dtype, for exact messages (uint64 > 2**63)
-        ids = values.long()  # uint64 ids >= 2**63 wrap to negative numbers: refused below as outside the range
+        given = ids  # its own dtype, for exact messages (uint64 ids >= 2**63 wrap to negative int64 below)
+
+        def shown(mask: torch.Tensor) -> list[int]:  # on the CPU: integer kernels for every dtype
+            return sorted(set(given.cpu()[mask.cpu()].tolist()))[:8]
+
+        ids = ids.to(self.vocabulary.token_ids.device).long()
         if self.config["quantizer"] == "vq":
             k = self.resampler.num_codes
             bad = (ids < 0) | (ids >= k)
             if bad.any():
-                raise ValueError(f"ids {values[bad].unique()[:8].tolist()} are outside the codebook [0, {k})")
+                raise ValueError(f"ids {shown(bad)} are outside the codebook [0, {k})")
             return ids
         size = self.vocabulary.llm_vocab_size
         outside = (ids < 0) | (ids >= size)
         if outside.any():
             raise ValueError(
-                f"ids {values[outside].unique()[:8].tolist()} are not token ids of {self.vocabulary.llm_name!r} "
-                f"(vocabulary size {size})"
+                f"ids {shown(outside)} are not token ids of {self.vocabulary.llm_name!r} (vocabulary size {size}); "
+                "use ids produced by encode()"
             )
         lookup = torch.full((size,), -1, dtype=torch.long, device=ids.device)
         lookup[self.vocabulary.token_ids] = torch.arange(self.vocabulary.num_entries, device=ids.device)
@@ -630,7 +643,8 @@ class V2FlowTokenizer(nn.Module):
         fixed-grid solvers step on the union of their grid and those levels.
 
         Args:
-            ids: (B, N) LLM token ids (or codebook indices for vq), as returned by :meth:`encode`, or a prefix.
+            ids: (B, N) LLM token ids (or codebook indices for vq), as returned by :meth:`encode`, or a prefix;
+                any integer dtype, B >= 1 (an empty batch is an error, as in :meth:`check_images`).
             num_steps: ODE steps per iteration (fixed-grid solvers and the scheduler).
             solver: ``euler``, ``midpoint``, ``rk4``, ``dopri5`` or ``flow_match_euler``.
             num_iters: mask-schedule iterations (1 = all patches at once).

@@ -1,4 +1,4 @@
-"""Lightning training of a V2FlowTokenizer: the LightningModule and the EMA callback.
+"""Lightning training of a V2FlowTokenizer: the LightningModule, the EMA callback and a replica check.
 
 The module holds training logic only: the objective is ``tokenizer.loss``; this file adds the optimiser
 schedule, temperature annealing, logging of the named loss parts and of vocabulary usage, and validation
@@ -70,6 +70,86 @@ class EMA(WeightAveraging):
             with torch.no_grad():
                 for averaged, current in zip(self._average_model.module.buffers(), pl_module.buffers(), strict=True):
                     averaged.copy_(current)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def weight_checksums(module: torch.nn.Module, prefix: str = "") -> tuple[list[str], torch.Tensor]:
+    """Bit-exact checksums of a module's parameters and buffers: (names, int64 (T,) on the module's device).
+
+    Each tensor's bit patterns are summed as integers, so any change of a single element changes its checksum
+    (a change that cancels over several elements is astronomically unlikely).
+    """
+    names, sums = [], []
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        bits = t.detach().contiguous().view(-1)
+        if bits.is_complex():
+            bits = torch.view_as_real(bits).view(-1)
+        names.append(prefix + name)
+        sums.append(bits.view(_BITS[bits.element_size()]).to(torch.int64).sum())
+    return names, torch.stack(sums) if sums else torch.zeros(0, dtype=torch.int64)
+
+
+class ReplicaCheck(L.Callback):
+    """Checks that all data-parallel ranks hold the same weights; raises on every rank, naming the step and the
+    tensors, when they do not.
+
+    Every `every_n_steps` optimiser steps and when training ends, each rank takes bit-exact checksums
+    (:func:`weight_checksums`) of the module's parameters and buffers and, when a
+    :class:`~lightning.pytorch.callbacks.WeightAveraging` callback (such as :class:`EMA`) runs, of the
+    averaged copy; the checksums (one int64 per tensor) are all-gathered and compared. DDP keeps gradients
+    and (at every forward) buffers in step, so a difference means state that a rank updated from its own
+    data alone (an unreduced statistic, a rank-local random draw, a non-deterministic kernel). A single
+    process has nothing to compare and skips the check. For strategies that replicate the weights (DDP), not
+    for those that shard them (FSDP, DeepSpeed ZeRO-3). Add it from the CLI with
+    ``--trainer.callbacks+=v2flow.training.ReplicaCheck --trainer.callbacks.every_n_steps=500``.
+
+    Args:
+        every_n_steps: check interval in optimiser steps; 0 checks only at the end of training.
+    """
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._last_checked = -1
+
+    def _states(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[tuple[str, torch.nn.Module]]:
+        states = [("", pl_module)]
+        for callback in trainer.callbacks:
+            average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+            if average is not None:
+                states.append((f"{type(callback).__name__}:", average.module))
+        return states
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule, where: str) -> None:
+        """Compare the ranks now (collective: every rank must call it); `where` names the point in the error."""
+        if trainer.world_size < 2:
+            return
+        names, sums = [], []
+        for prefix, module in self._states(trainer, pl_module):
+            n, s = weight_checksums(module, prefix)
+            names += n
+            sums.append(s.to(pl_module.device))
+        gathered = pl_module.all_gather(torch.cat(sums))  # (world, T)
+        differ = (gathered != gathered[:1]).any(0).nonzero().flatten().tolist()
+        if differ:
+            shown = ", ".join(names[i] for i in differ[:8])
+            more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
+            raise RuntimeError(
+                f"data-parallel ranks diverged {where} (global step {trainer.global_step}): "
+                f"{len(differ)} of {len(names)} tensors differ between ranks: {shown}{more}"
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._last_checked:
+            self._last_checked = step  # once per optimiser step, also with gradient accumulation
+            self.check(trainer, pl_module, f"after step {step}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.check(trainer, pl_module, "at the end of training")
 
 
 class V2FlowModule(L.LightningModule):
@@ -173,6 +253,8 @@ class V2FlowModule(L.LightningModule):
         self.anneal_temperature(self.global_step)
         loss, indices = self._step(batch, "train", batch_idx)
         if batch_idx % 50 == 0:  # occasional: counting distinct ids syncs with the device
+            if self.trainer.world_size > 1:  # the global batch: every rank reaches the same batch_idx
+                indices = self.all_gather(indices)
             self.log("train/temperature", self.tokenizer.resampler.temperature)
             self.log("train/batch_distinct_ids", float(indices.unique().numel()))
         return loss
@@ -216,12 +298,14 @@ class V2FlowModule(L.LightningModule):
             name, x = next(iter(inputs.items()))
             useful = self.tokenizer.token_usefulness(**{name: x[: max(2, min(len(x), 128))]})
             self.log(f"{stage}/shuffle_gap", useful["shuffle_gap"], sync_dist=True)
-            if self.trainer.is_global_zero:
-                self._write_grid(images, recon, stage)
+            self._write_grid(images, recon, stage)
 
     def _write_grid(self, images: torch.Tensor, recon: torch.Tensor, stage: str) -> None:
-        n = min(self.hparams.grid_size, len(images))
+        """Rank 0 writes the grid; every rank must call this: ``trainer.log_dir`` is a broadcast under DDP."""
         root = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+        if not self.trainer.is_global_zero:
+            return
+        n = min(self.hparams.grid_size, len(images))
         save_image_grid(torch.cat([images[:n], recon[:n]]), root / f"{stage}_step{self.global_step:07d}.png", nrow=n)
 
     def _log_eval_epoch(self, stage: str) -> None:
@@ -229,11 +313,13 @@ class V2FlowModule(L.LightningModule):
         if self.trainer.world_size > 1:
             counts = self.all_gather(counts).sum(0)
         usage = self.tokenizer.usage_from_counts(counts.cpu())
-        self.log(f"{stage}/distinct_ids", float(usage["distinct_ids"]), rank_zero_only=True)
-        self.log(f"{stage}/perplexity", usage["perplexity"], rank_zero_only=True)
-        if self.ssim.update_called:
-            self.log(f"{stage}/psnr", self.psnr.compute(), prog_bar=True)
-            self.log(f"{stage}/ssim", self.ssim.compute())
+        # every rank holds the gathered counts and logs the same value (so monitors work on every rank); the
+        # sync is a mean of equal values, there only to tell Lightning the value is global
+        self.log(f"{stage}/distinct_ids", float(usage["distinct_ids"]), sync_dist=True)
+        self.log(f"{stage}/perplexity", usage["perplexity"], sync_dist=True)
+        if self.ssim.update_called:  # compute() reduces over ranks (torchmetrics): equal values, as above
+            self.log(f"{stage}/psnr", self.psnr.compute(), prog_bar=True, sync_dist=True)
+            self.log(f"{stage}/ssim", self.ssim.compute(), sync_dist=True)
         self.psnr.reset()
         self.ssim.reset()
 
