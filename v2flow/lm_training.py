@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from .classifier import DigitClassifier
-from .data import load_mnist
+from .data import ResumableDataLoader, ResumableSampler, load_mnist, training_seed
 from .llm import ImageLM, check_vocab_mode, load_causal_lm
 from .tokenizer import V2FlowTokenizer
 from .training import warmup_cosine
@@ -92,6 +92,24 @@ def cached_mnist_tokens(image_tokenizer: str | os.PathLike, split: str, limit: i
     return payload
 
 
+@dataclass
+class CaptionCollate:
+    """Batches ``(ids (B, N), captions)``; training draws a template per sample, evaluation uses the first.
+    A plain class, so DataLoader workers can pickle it under any start method."""
+
+    captions: list[str]
+    train: bool
+
+    def __call__(self, items) -> tuple[torch.Tensor, list[str]]:
+        ids = torch.stack([i for i, _ in items])  # (B, N)
+        labels = [int(label) for _, label in items]
+        if self.train and len(self.captions) > 1:
+            picks = torch.randint(len(self.captions), (len(labels),)).tolist()
+        else:
+            picks = [0] * len(labels)
+        return ids, [digit_caption(y, self.captions[p]) for y, p in zip(labels, picks, strict=True)]
+
+
 class MNISTTokenDataModule(L.LightningDataModule):
     """(image-token ids, caption) pairs from bundled MNIST.
 
@@ -139,28 +157,22 @@ class MNISTTokenDataModule(L.LightningDataModule):
             data = cached_mnist_tokens(self.image_tokenizer, split, self.limits[split])
             self.sets[split] = TensorDataset(data["ids"].long(), data["labels"])
 
-    def _collate(self, train: bool):
-        def collate(items):
-            ids = torch.stack([i for i, _ in items])  # (B, N)
-            labels = [int(label) for _, label in items]
-            if train and len(self.captions) > 1:
-                picks = torch.randint(len(self.captions), (len(labels),)).tolist()
-            else:
-                picks = [0] * len(labels)
-            return ids, [digit_caption(y, self.captions[p]) for y, p in zip(labels, picks, strict=True)]
-
-        return collate
-
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.sets:
             raise RuntimeError("call setup() first")
+        collate = CaptionCollate(self.captions, train)
+        if train:  # seeded, sharded per rank, position saved in checkpoints (see v2flow.data.ResumableSampler)
+            sampler = ResumableSampler(self.sets[split], seed=training_seed())
+            return ResumableDataLoader(
+                self.sets[split],
+                self.batch_size,
+                sampler=sampler,
+                drop_last=True,
+                num_workers=self.num_workers,
+                collate_fn=collate,
+            )
         return DataLoader(
-            self.sets[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=self._collate(train),
+            self.sets[split], self.eval_batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=collate
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -191,6 +203,8 @@ class ImageLMModule(L.LightningModule):
         eval_samples_per_digit: images written per digit at each validation (0 disables generation).
         eval_temperature, eval_top_k: sampling settings of those generations.
         decode_steps: ODE steps when decoding generated tokens.
+        eval_caption: the prompt template of those generations (``{word}``, ``{digit}``); keep it the data's
+            first caption template.
         seed: seeds the random init of new rows and the evaluation generations.
     """
 
@@ -211,10 +225,15 @@ class ImageLMModule(L.LightningModule):
         eval_temperature: float = 1.0,
         eval_top_k: int | None = None,
         decode_steps: int | None = None,
+        eval_caption: str = DEFAULT_CAPTIONS[0],
         seed: int = 0,
     ) -> None:
         super().__init__()
         check_vocab_mode(vocab_mode, init, name="vocab_mode")
+        try:
+            digit_caption(0, eval_caption)
+        except (KeyError, IndexError) as err:
+            raise ValueError(f"eval_caption {eval_caption!r} may only use {{word}} and {{digit}}") from err
         if eval_samples_per_digit and judge is None:
             raise ValueError("eval_samples_per_digit > 0 needs a judge classifier directory")
         if eval_temperature <= 0:
@@ -280,8 +299,11 @@ class ImageLMModule(L.LightningModule):
         batch_size: int = 100,
         temperature: float | None = None,
         top_k: int | None = None,
+        caption: str | None = None,
     ) -> dict[str, Any]:
         """Write `per_digit` images for each of the ten digit prompts, decode and (with a judge) classify.
+
+        `caption` is the prompt template (default the ``eval_caption`` hyperparameter).
 
         Returns:
             ``images`` (10 * per_digit, C, H, W) ordered by digit, ``labels``, ``predictions`` (or None),
@@ -290,7 +312,8 @@ class ImageLMModule(L.LightningModule):
         temperature = self.hparams.eval_temperature if temperature is None else temperature
         top_k = self.hparams.eval_top_k if top_k is None else top_k
         labels = torch.arange(10).repeat_interleave(per_digit)
-        prompts = [digit_caption(int(y)) for y in labels]
+        caption = self.hparams.get("eval_caption", DEFAULT_CAPTIONS[0]) if caption is None else caption
+        prompts = [digit_caption(int(y), caption) for y in labels]
         images = []
         for i in range(0, len(prompts), batch_size):
             out = self.image_lm.generate(
