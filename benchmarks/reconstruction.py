@@ -6,7 +6,9 @@ Streams the split in batches (bounded memory) with a progress bar; prints JSON a
 `shuffle_gap` is the relative increase of the flow loss on the first 500 images when their tokens are
 shuffled across the batch: how much the decoder relies on its tokens.
 PSNR is the mean of per-image PSNR (data range 2 for [-1, 1] images); SSIM is torchmetrics' mean SSIM;
-both are computed against exactly the 32x32 padded digits the model was given (no crop or resize).
+both are computed against exactly the 32x32 padded digits the model was given (no crop or resize), by
+`v2flow.metrics.ReconstructionMetrics` (which also gives MS-SSIM and per-position entropies; `v2flow
+evaluate --data mnist-test` adds FD/KID over the project's digit classifier).
 """
 
 from __future__ import annotations
@@ -16,38 +18,22 @@ import json
 import time
 
 import torch
-from torchmetrics.image import StructuralSimilarityIndexMeasure
 from tqdm import tqdm
 
 from v2flow import V2FlowTokenizer
 from v2flow.data import load_mnist
-from v2flow.metrics import psnr_per_image
+from v2flow.metrics import ReconstructionMetrics, evaluate_tokenizer
 from v2flow.sampling import SOLVERS
 
 
 def evaluate(tok: V2FlowTokenizer, images: torch.Tensor, batch_size: int, seed: int, **decode) -> dict:
-    ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
-    psnr_sum, counts = 0.0, torch.zeros(tok.resampler.num_codes, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
+    batches = tqdm(images.split(batch_size), desc="reconstruct", unit="batch")
     start = time.perf_counter()
-    for i in tqdm(range(0, len(images), batch_size), desc="reconstruct", unit="batch"):
-        x = images[i : i + batch_size]
-        enc = tok.encode(x)
-        y = tok.decode(enc.ids, generator=generator, **decode).images
-        psnr_sum += float(psnr_per_image(y, x).sum())
-        ssim.update(y, x)
-        counts += torch.bincount(enc.indices.flatten(), minlength=counts.numel())
+    metrics = evaluate_tokenizer(tok, batches, ReconstructionMetrics(), generator=generator, **decode).compute()
     seconds = time.perf_counter() - start
     useful = tok.token_usefulness(images[:500])
-    return {
-        "psnr": psnr_sum / len(images),
-        "ssim": float(ssim.compute()),
-        **tok.usage_from_counts(counts),
-        "vocabulary_entries": counts.numel(),
-        "shuffle_gap": useful["shuffle_gap"],
-        "num_images": len(images),
-        "seconds": seconds,
-    }
+    return {**metrics, "shuffle_gap": useful["shuffle_gap"], "seconds": seconds}
 
 
 def main() -> None:

@@ -4,10 +4,13 @@
   interpolation, ``--print_config``, ``--ckpt_path`` to resume).
 * ``v2flow lm fit|validate --config configs/lm_mnist.yaml``: fine-tune a causal LLM to write images.
 * ``v2flow classifier fit|validate|test --config configs/classifier_mnist.yaml``: train the MNIST judge.
+* ``v2flow vq fit|validate|test --config configs/vq_mnist_16.yaml``: train the diffusers VQModel baseline.
 * ``v2flow export``: a Lightning checkpoint -> a pretrained directory (config.json + model.safetensors).
 * ``v2flow encode``: image files -> token ids (JSON or .pt, with the LLM token strings beside them).
 * ``v2flow decode``: token ids -> PNG images.
 * ``v2flow reconstruct``: image files -> ids -> images, plus a comparison grid and PSNR/SSIM.
+* ``v2flow evaluate``: a data set (MNIST, held-out photo crops, a folder) -> PSNR, SSIM, MS-SSIM, FD/KID and
+  vocabulary statistics, as JSON and a markdown table row.
 * ``v2flow cache-latents``: an image folder -> sharded autoencoder latents (resumable), to train from.
 
 Several devices and nodes (DDP; every rank reads its own shard of each epoch's shuffled order):
@@ -32,11 +35,12 @@ import json
 import sys
 from pathlib import Path
 
-TOOL_COMMANDS = ("export", "encode", "decode", "reconstruct", "cache-latents")
+TOOL_COMMANDS = ("export", "encode", "decode", "reconstruct", "evaluate", "cache-latents")
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True, task: str = "tokenizer"):
-    """The Lightning CLI of one training task: ``tokenizer`` (default), ``lm`` or ``classifier``."""
+    """The Lightning CLI of one training task: ``tokenizer`` (default), ``lm``, ``classifier`` or ``vq`` (the
+    diffusers VQModel baseline, :mod:`v2flow.baseline`)."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
@@ -46,6 +50,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, task: str = "
         from .lm_training import ImageLMModule as module
     elif task == "classifier":
         from .classifier import ClassifierModule as module
+    elif task == "vq":
+        from .baseline import VQBaselineModule as module
     else:
         raise ValueError(f"unknown task {task!r}")
 
@@ -181,6 +187,30 @@ def tool_main(argv: list[str]) -> int:
     p.add_argument("--grid-size", type=int, default=16, help="images in comparison.png (the first ones)")
     _decode_options(p)
 
+    p = sub.add_parser(
+        "evaluate",
+        help="reconstruction metrics of a data set: JSON and a markdown table row",
+        description=EVALUATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="pretrained tokenizer directory")
+    p.add_argument("--data", required=True, help="mnist-test, mnist-val, photos-test, or an image folder / file")
+    p.add_argument("--limit", type=int, default=0, help="the first n images only (0 = all)")
+    p.add_argument("--batch-size", type=int, default=250, help="images per batch (memory stays bounded)")
+    p.add_argument("--resize", action="store_true", help="folders: resize (shorter side) and centre-crop")
+    p.add_argument(
+        "--features",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="FD/KID features: 'classifier [DIR]' (default for MNIST: checkpoints/mnist-classifier), "
+        "'inception WEIGHTS' (a local pt_inception-2015-12-05-6726825d.pth; needs torch-fidelity) or 'none' "
+        "(default for other data)",
+    )
+    p.add_argument("--kid-subset-size", type=int, default=100)
+    p.add_argument("--output", default=None, help="also write the JSON to this file")
+    _decode_options(p)
+
     p = sub.add_parser("cache-latents", help="image folder -> sharded latents of a frozen diffusers autoencoder")
     p.add_argument("--autoencoder", required=True, help="diffusers autoencoder directory or hub id")
     p.add_argument("--subfolder", default=None, help="its sub-directory, e.g. vae")
@@ -200,6 +230,7 @@ def tool_main(argv: list[str]) -> int:
         "encode": _encode,
         "decode": _decode,
         "reconstruct": _reconstruct,
+        "evaluate": _evaluate,
         "cache-latents": _cache_latents,
     }
     return commands[a.command](a)
@@ -248,6 +279,8 @@ def _checkpoint_kind(path: str) -> str:
         return "classifier"
     if isinstance(ckpt, dict) and "v2flow_lm_layout" in ckpt:
         return "lm"
+    if isinstance(ckpt, dict) and "v2flow_vq_config" in ckpt:
+        return "vq"
     return "tokenizer"
 
 
@@ -270,6 +303,12 @@ def _export(a: argparse.Namespace) -> int:
         from .lm_training import image_lm_from_checkpoint
 
         image_lm_from_checkpoint(a.checkpoint).save_pretrained(out, overwrite=a.overwrite)
+        print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
+        return 0
+    if kind == "vq":
+        from .baseline import vq_from_checkpoint
+
+        vq_from_checkpoint(a.checkpoint, weights=a.weights).save_pretrained(out)
         print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
         return 0
     import yaml
@@ -395,6 +434,201 @@ def _reconstruct(a: argparse.Namespace) -> int:
     return 0
 
 
+EVALUATE_HELP = """Reconstruct a data set batch by batch (bounded memory, progress bar) and print its metrics as JSON
+and as a markdown table row (with its header).
+
+What the metrics compare: each reconstruction with the exact tensor given to the tokenizer, never with a
+differently cropped or resized original.
+  mnist-test, mnist-val  the 28x28 digits padded with background to the tokenizer's size (no resize)
+  photos-test            fixed (seeded) crops of the held-out scikit-image photo, at native resolution
+  a folder / file        the images at their own size, or with --resize the shorter side resized (bicubic)
+                         to the tokenizer's size and centre-cropped: the metrics then measure the tokenizer
+                         on that resized crop, not the resize.
+
+FD/KID: for MNIST the project's digit classifier (checkpoints/mnist-classifier, test accuracy 99.39 %)
+gives 128-d features; for natural images standard rFID needs --features inception WEIGHTS (a local
+pt_inception-2015-12-05-6726825d.pth and `pip install torch-fidelity`). Without features FD/KID are null,
+with fd_note saying why. FD and KID depend on the number of images: compare them at equal --limit.
+MS-SSIM under 176 px uses fewer scales and a smaller window (see ms_ssim_note)."""
+
+MNIST_DATA = ("mnist-test", "mnist-val")
+NAMED_DATA = (*MNIST_DATA, "photos-test")
+DEFAULT_CLASSIFIER = Path("checkpoints") / "mnist-classifier"  # in the working directory, else in the repository
+
+
+def _default_classifier() -> Path:
+    for path in (DEFAULT_CLASSIFIER, Path(__file__).resolve().parents[1] / DEFAULT_CLASSIFIER):
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(
+        f"the default MNIST feature extractor {DEFAULT_CLASSIFIER} was not found; pass --features classifier DIR "
+        "or --features none"
+    )
+
+
+def _evaluation_batches(a: argparse.Namespace, tokenizer):
+    """(batches with a progress bar, number of images, the crop/resize policy) of ``--data``."""
+    from tqdm.auto import tqdm
+
+    cfg = tokenizer.config
+    c, s, limit = cfg["in_channels"], cfg["image_size"], a.limit or None
+    if a.limit < 0 or a.batch_size < 1:
+        raise ValueError(f"need --limit >= 0 and --batch-size >= 1, got {a.limit} and {a.batch_size}")
+    if a.data in NAMED_DATA and a.resize:
+        raise ValueError(f"--resize applies to folders only; {a.data} has a fixed crop policy")
+    if a.data in MNIST_DATA:
+        from .data import load_mnist
+
+        if c != 1 or s < 28:
+            raise ValueError(f"MNIST digits are 1x28x28 (padded); this tokenizer takes {c}x{s}x{s} images")
+        images = load_mnist(a.data.removeprefix("mnist-"), pad_to=s)[0][:limit]
+        batches = tqdm(images.split(a.batch_size), desc="evaluating", unit="batch", disable=None)
+        return batches, len(images), f"28x28 digits padded with background to {s}x{s}; no resize"
+    if a.data == "photos-test":
+        from .data import SKIMAGE_HELD_OUT, PhotoCropsDataModule
+
+        if c != 3:
+            raise ValueError(f"photos-test gives RGB crops; this tokenizer takes {c}-channel images")
+        held, length = SKIMAGE_HELD_OUT, limit or 2048  # the data module's default test length
+        dm = PhotoCropsDataModule(
+            crop_size=s, eval_batch_size=a.batch_size, test_length=length, photos=held, held_out=held
+        )
+        dm.setup("test")
+        loader = dm.test_dataloader()
+        batches = (x for x, _ in tqdm(loader, desc="evaluating", unit="batch", disable=None))
+        return batches, len(dm.test_set), f"fixed {s}x{s} crops of the held-out photo(s) {list(held)}; no resize"
+    files = _image_files([a.data])[:limit]
+    policy = (
+        f"shorter side resized (bicubic) to {s} and centre-cropped; compared with that crop"
+        if a.resize
+        else "the images as stored (no crop, no resize)"
+    )
+    return _image_batches(files, tokenizer, a.resize, a.batch_size, "evaluating"), len(files), policy
+
+
+def _feature_extractor(a: argparse.Namespace, tokenizer):
+    """(extractor or None, a description for the JSON) from ``--features``."""
+    spec = a.features or (["classifier"] if a.data in MNIST_DATA else ["none"])
+    kind, rest = spec[0], spec[1:]
+    if kind == "none" and not rest:
+        why = "no --features given" if a.features is None else "--features none"
+        return None, {
+            "kind": "none",
+            "note": f"{why}: FD/KID need a feature extractor (classifier DIR or inception "
+            "WEIGHTS); MNIST data default to the shipped classifier",
+        }
+    if kind == "classifier" and len(rest) <= 1:
+        from .classifier import DigitClassifier
+
+        path = Path(rest[0]) if rest else _default_classifier()
+        model = DigitClassifier.from_pretrained(path, map_location=a.device)
+        cfg, want = tokenizer.config, model.config
+        if (cfg["in_channels"], cfg["image_size"]) != (want["in_channels"], want["image_size"]):
+            raise ValueError(
+                f"the classifier at {path} takes {want['in_channels']}x{want['image_size']}x{want['image_size']} "
+                f"images; this tokenizer's are {cfg['in_channels']}x{cfg['image_size']}x{cfg['image_size']}"
+            )
+        return model, {"kind": "classifier", "path": str(path), "num_features": model.num_features}
+    if kind == "inception" and len(rest) == 1:
+        from .metrics import inception_extractor
+
+        try:
+            model = inception_extractor(rest[0]).to(a.device)
+        except ModuleNotFoundError as err:  # torch-fidelity missing: a usage error, reported as such
+            raise ValueError(str(err)) from err
+        return model, {"kind": "inception", "path": rest[0], "num_features": model.num_features}
+    raise ValueError(f"--features takes 'classifier [DIR]', 'inception WEIGHTS' or 'none', got {' '.join(spec)!r}")
+
+
+def _evaluate(a: argparse.Namespace) -> int:
+    import time
+
+    from .metrics import ReconstructionMetrics, evaluate_tokenizer
+    from .tokenizer import V2FlowTokenizer
+
+    tokenizer = V2FlowTokenizer.from_pretrained(a.checkpoint, map_location=a.device)
+    batches, num_images, policy = _evaluation_batches(a, tokenizer)
+    if num_images == 0:
+        raise ValueError(f"{a.data} holds no images")
+    extractor, features = _feature_extractor(a, tokenizer)
+    kwargs = _decode_kwargs(a, a.device)
+    decode = {
+        k: v if v is not None else tokenizer.config[f"sample_{_SAMPLE_KEYS[k]}"]
+        for k, v in kwargs.items()
+        if k != "generator"
+    }
+    metrics = ReconstructionMetrics(
+        feature_extractor=extractor, kid_subset_size=a.kid_subset_size, device=a.device, seed=a.seed
+    )
+    start = time.perf_counter()
+    evaluate_tokenizer(tokenizer, batches, metrics, **kwargs)
+    seconds = time.perf_counter() - start
+    result = metrics.compute()
+    if extractor is None:
+        result["fd_note"] = features.pop("note")
+    result = {
+        "checkpoint": a.checkpoint,
+        "data": a.data,
+        "policy": policy,
+        "decode": decode,
+        "seed": a.seed,
+        "features": features,
+        **result,
+        "seconds": round(seconds, 2),
+    }
+    text = json.dumps(result, indent=1)
+    if a.output:
+        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.output).write_text(text + "\n")
+    print(text)
+    print()
+    print(_markdown_row(result, header=True))
+    return 0
+
+
+_SAMPLE_KEYS = {
+    "num_steps": "steps",
+    "solver": "solver",
+    "num_iters": "iters",
+    "cfg_scale": "cfg",
+    "shift": "shift",
+    "temperature": "temperature",
+}
+
+
+def _markdown_row(r: dict, header: bool = False) -> str:
+    """One markdown table row of an evaluation result (with the header and rule lines above it)."""
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    d = r["decode"]
+    cells = {
+        "checkpoint": r["checkpoint"],
+        "data": r["data"],
+        "images": r["num_images"],
+        "steps": d["num_steps"],
+        "solver": d["solver"],
+        "iters": d["num_iters"],
+        "cfg": d["cfg_scale"],
+        "temperature": d["temperature"],
+        "shift": d["shift"],
+        "PSNR (dB)": fmt(r["psnr"], ".2f"),
+        "SSIM": fmt(r["ssim"], ".4f"),
+        "MS-SSIM": fmt(r["ms_ssim"], ".4f"),
+        "FD": fmt(r["fd"], ".3f"),
+        "KID": fmt(r["kid_mean"], ".4f"),
+        "distinct ids": r["distinct_ids"],
+        "perplexity": fmt(r["perplexity"], ".0f"),
+        "bits/image": fmt(r["bits_per_image"], ".0f"),
+        "mean position entropy (bits)": fmt(r["mean_position_entropy"], ".2f"),
+    }
+    row = "| " + " | ".join(str(v) for v in cells.values()) + " |"
+    if not header:
+        return row
+    return "| " + " | ".join(cells) + " |\n|" + "---|" * len(cells) + "\n" + row
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TOOL_COMMANDS:
@@ -403,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, FileExistsError) as err:
             print(f"v2flow {argv[0]}: error: {err}", file=sys.stderr)
             return 2
-    if argv and argv[0] in ("lm", "classifier"):
+    if argv and argv[0] in ("lm", "classifier", "vq"):
         lightning_cli(argv[1:], task=argv[0])
         return 0
     lightning_cli(argv)
