@@ -495,18 +495,21 @@ def evaluate_tokenizer(
 
     Args:
         tokenizer: a :class:`~v2flow.tokenizer.V2FlowTokenizer` (anything with ``encode(images)`` ->
-            ``.ids``/``.indices``, ``decode(ids, **decode_kwargs)`` -> ``.images`` and ``resampler.num_codes``).
+            ``.ids``/``.indices``, ``decode(ids, **decode_kwargs)`` -> ``.images``, and ``resampler.num_codes`` or
+            ``config["codebook_size"]``: a :class:`~v2flow.baseline.VQTokenizer` works too).
         batches: the input stream; memory stays bounded by one batch plus the metric states.
         metrics: the accumulator.
         decode_kwargs: for ``decode`` (``num_steps``, ``solver``, ``generator``, ...).
     """
     device = next(tokenizer.parameters()).device
+    resampler = getattr(tokenizer, "resampler", None)
+    num_codes = resampler.num_codes if resampler is not None else tokenizer.config["codebook_size"]
     for images in batches:
         images = images.to(device)
         encoded = tokenizer.encode(images)
         recon = tokenizer.decode(encoded.ids, **decode_kwargs).images
         metrics.update(recon, images)
-        metrics.update_tokens(encoded.indices, tokenizer.resampler.num_codes)
+        metrics.update_tokens(encoded.indices, num_codes)
     return metrics
 
 
