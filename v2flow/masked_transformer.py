@@ -121,10 +121,10 @@ class MaskedTransformer(nn.Module):
             (B, L, D) per-patch conditions.
         """
         b, length = mask.shape
-        num_masked = mask.sum(1)
-        if (num_masked != num_masked[0]).any():
+        fewest, most = torch.stack(torch.aminmax(mask.sum(1))).tolist()  # one device-to-host sync
+        if fewest != most:
             raise ValueError("every sample must mask the same number of patches")
-        num_visible = length - int(num_masked[0])
+        num_visible = length - most
         tokens = self.embed_tokens(token_embeddings, drop, token_keep, token_mask)  # (B, N, D)
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible positions first
         visible_idx = order[:, :num_visible]  # (B, V)

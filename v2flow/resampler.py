@@ -98,6 +98,54 @@ class CosineCodebook(nn.Module):
             self.cluster_size[dead] = 1.0
 
 
+class _ScoresAndEntropies(torch.autograd.Function):
+    """query (B, N, c), table (K, c), temperature -> the argmax (B, N) and probs (B, N, K) of
+    logits = query @ table.T / temperature (both without gradient), the mean per-token entropy and the entropy
+    of the mean distribution (with gradients to query and table): the ``projected`` estimator in training.
+
+    The same operations as the autograd path give the same values; only the backward differs, in closed form.
+    Why: the (B, N, K) tensors are the largest of a training step (33.5 MB each for configs/mnist.yaml), and on
+    CPUs each fresh one costs page faults (allocations this large are mapped anew every time). Autograd's
+    graph through the division, softmax, log_softmax, product and mean allocates 12 of them per step (counted
+    with the profiler for configs/mnist.yaml); this allocates 4. With p = probs, R = B*N rows, H = per-row entropy, m = mean of p over the rows and
+    g = dH(m)/dm = -(log m + 1): d mean(H) / d logits = -(p / R) (log p + H), d H(m) / d logits = (p / R) (g - p.g).
+    """
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, table: torch.Tensor, temperature: float):
+        logits = (query @ table.T).div_(temperature)  # (B, N, K)
+        indices = logits.argmax(-1)  # (B, N)
+        probs = logits.softmax(-1)
+        log_probs = logits.log_softmax(-1)
+        row_entropy = -torch.mul(probs, log_probs, out=logits).sum(-1)  # (B, N); the logits are done with
+        mean_probs = probs.flatten(0, -2).mean(0)  # (K,)
+        batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
+        ctx.save_for_backward(query, table, probs, log_probs, row_entropy, mean_probs)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(indices, probs)
+        ctx.set_materialize_grads(False)  # no zero-filled (B, N, K) gradient for probs
+        return indices, probs, row_entropy.mean(), batch_entropy
+
+    @staticmethod
+    def backward(ctx, _grad_indices, _grad_probs, grad_sample: torch.Tensor | None, grad_batch: torch.Tensor | None):
+        query, table, probs, log_probs, row_entropy, mean_probs = ctx.saved_tensors
+        if grad_sample is None and grad_batch is None:
+            return None, None, None
+        zero = probs.new_zeros(())
+        grad_sample = zero if grad_sample is None else grad_sample
+        grad_batch = zero if grad_batch is None else grad_batch
+        # dH(m)/dm, zero where clamp_min held m at its floor (as autograd's clamp_min backward)
+        dm = -(mean_probs.clamp_min(1e-12).log() + (mean_probs >= 1e-12).to(probs.dtype))  # (K,)
+        grad = probs * dm  # (B, N, K), the one new big tensor of the backward
+        p_dm = grad.sum(-1, keepdim=True)  # (B, N, 1); a summed product, as accurate as autograd's (not a matvec)
+        torch.add(log_probs, row_entropy[..., None], out=grad)
+        grad.mul_(-grad_sample).add_(dm * grad_batch).sub_(p_dm * grad_batch)
+        grad.mul_(probs).div_(row_entropy.numel() * ctx.temperature)  # d loss / d (query @ table.T)
+        grad_query = grad @ table if ctx.needs_input_grad[0] else None  # (B, N, c)
+        grad_table = (query.flatten(0, -2).T @ grad.flatten(0, -2)).T if ctx.needs_input_grad[1] else None  # (K, c)
+        return grad_query, grad_table, None
+
+
 class VocabularyResampler(nn.Module):
     """Query features (B, N, D) -> soft categorical over K vocabulary rows -> embeddings (B, N, d_llm) + ids.
 
@@ -201,17 +249,22 @@ class VocabularyResampler(nn.Module):
     def _forward(self, features: torch.Tensor, generator: torch.Generator | None) -> ResamplerOutput:
         query = self.queries(features)  # (B, N, c)
         table = self.unit_table()  # (K, c)
-        logits = query @ table.T / self.temperature  # (B, N, K)
-        probs = logits.softmax(-1)
-        # the soft embedding is an output, not a training signal for "projected": skip its (B*N, K, d) matmul
-        need_soft = not self.training or self.codebook is not None or self.row_proj is None
-        soft = probs @ self.vocabulary.embeddings if need_soft else None  # (B, N, d)
         losses: dict[str, torch.Tensor] = {}
+        indices = None
+        if self.training and self.row_proj is not None and self.codebook is None:
+            # "projected" in training: the probabilities feed only the entropy terms (gradient in closed form)
+            indices, probs, sample_entropy, batch_entropy = _ScoresAndEntropies.apply(query, table, self.temperature)
+            soft = None  # an output, not a training signal for "projected": skip its (B*N, K, d) matmul
+        else:
+            logits = query @ table.T / self.temperature  # (B, N, K)
+            probs = logits.softmax(-1)
+            soft = probs @ self.vocabulary.embeddings  # (B, N, d)
+            if self.training:
+                log_probs = logits.log_softmax(-1)
+                sample_entropy = -(probs * log_probs).sum(-1).mean()
+                mean_probs = probs.flatten(0, 1).mean(0)
+                batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
         if self.training:
-            log_probs = logits.log_softmax(-1)
-            sample_entropy = -(probs * log_probs).sum(-1).mean()
-            mean_probs = probs.flatten(0, 1).mean(0)
-            batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
             losses["sample_entropy"] = self.sample_entropy_weight * sample_entropy
             losses["batch_entropy"] = -self.batch_entropy_weight * batch_entropy
         if self.codebook is not None:
@@ -222,7 +275,7 @@ class VocabularyResampler(nn.Module):
         if self.row_proj is not None:
             # VQ-style straight-through onto the projected frozen rows (SimVQ): the nearest code by cosine; the
             # codebook term trains the shared linear map, which moves every code at once and keeps all in play
-            indices = logits.argmax(-1)  # (B, N)
+            indices = logits.argmax(-1) if indices is None else indices  # (B, N)
             code = table[indices]  # (B, N, c)
             if self.training:
                 losses["codebook"] = F.mse_loss(code, query.detach())

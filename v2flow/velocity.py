@@ -81,8 +81,13 @@ class VelocityHead(nn.Module):
         nn.init.zeros_(self.output.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (M, P) noisy patches, t (M,) times, cond (M, D) -> velocity (M, P)."""
-        c = self.time_embed(t) + self.cond_embed(cond)  # (M, W)
+        """x (M, P) noisy patches, t (M,) times (or a 0-dim time of every row), cond (M, D) -> velocity (M, P)."""
+        if t.ndim == 0 or (t.numel() > 1 and t.stride(0) == 0):
+            # one time for all rows (a sampler's `t.expand(M)`): embed it once, not M times
+            t_emb = self.time_embed(t.reshape(-1)[:1])  # (1, W)
+        else:
+            t_emb = self.time_embed(t)  # (M, W)
+        c = t_emb + self.cond_embed(cond)  # (M, W)
         h = self.input_proj(x)
         for block in self.blocks:
             h = block(h, c)
