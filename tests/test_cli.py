@@ -79,6 +79,10 @@ def test_fit_resume_export_and_tools(tmp_path, tiny_run):
     cli = lightning_cli(["fit", *tiny_run, *ckpt_cb, "--trainer.max_steps=4", f"--ckpt_path={last}"])
     assert cli.trainer.global_step == 4
     # validate and test subcommands
+    with pytest.raises(
+        ValueError, match=r"last\.ckpt does not fit this tokenizer config \(num_tokens: checkpoint 4, config 6"
+    ):
+        lightning_cli(["fit", *tiny_run, "--model.tokenizer.init_args.num_tokens=6", f"--ckpt_path={last}"])
     lightning_cli(["validate", *tiny_run, f"--ckpt_path={last}"])
     lightning_cli(["test", *tiny_run, f"--ckpt_path={last}"])
 

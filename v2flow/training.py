@@ -353,6 +353,31 @@ class V2FlowModule(L.LightningModule):
         scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # remembered for load_state_dict, which Lightning calls next: a mismatch then names the file and the keys
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        saved = checkpoint.get("v2flow_tokenizer_config")
+        if saved is None:
+            raise ValueError(
+                f"checkpoint {path or ''} has no 'v2flow_tokenizer_config': it was not written by a tokenizer run "
+                "(an LM, classifier or vq checkpoint goes to `v2flow lm|classifier|vq`)"
+            )
+        current = self.tokenizer.current_config()
+        differs = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k != "temperature"}
+        self._loading_from = (path, differs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            path, differs = getattr(self, "_loading_from", (None, {}))
+            detail = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in differs.items())
+            raise ValueError(
+                f"checkpoint {path or '(given state dict)'} does not fit this tokenizer config"
+                + (f" ({detail})" if detail else "")
+                + f"; resume with the config it was trained with. {err}"
+            ) from err
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         vocab = self.tokenizer.vocabulary
         checkpoint["v2flow_tokenizer_config"] = self.tokenizer.current_config()
