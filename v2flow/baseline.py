@@ -16,24 +16,14 @@ that this compares with at equal bits and steps.
 
 Codebook usage. diffusers' ``VectorQuantizer`` is a plain nearest-neighbour quantizer (Euclidean ``cdist``; no
 l2-normalised lookup, EMA codebook or dead-code restart; its ``remap`` option only renames indices of an already
-trained model). It initialises the codebook uniformly in ``±1/K``, and a 4,096-entry codebook trained that way
-collapses. Two of its own options are used: low-dimensional codes (``vq_embed_dim`` through its ``quant_conv``,
+trained model). It initialises the codebook uniformly in ``±1/K``, and large codebooks trained that way are
+prone to collapse (few codes used). Two of its own options are used: low-dimensional codes (``vq_embed_dim`` through its ``quant_conv``,
 the factorised codes of ViT-VQGAN) and ``legacy=False`` (the VQ-VAE loss: codebook term at weight 1,
 commitment at ``beta``; ``legacy=True``, VQModel's default, swaps them). Two standard remedies that change no
 diffusers code are added: ``codebook_init="data"`` (the codebook starts as encoder outputs of the first
 training batch) and ``restart_dead_codes_every`` (codes unused for that many steps move to encoder outputs of
-the current batch, as in Jukebox and SoundStream). Measured on MNIST at 16 tokens (the 4x4-grid model of
-``configs/vq_mnist_16.yaml``; a plain AdamW loop at lr 1e-3 without schedule or EMA, batch 16, 400 steps; codes
-used by 500 validation digits, i.e. 8,000 tokens):
-
-==========================================  ===========  =========
-setting                                     codes used   PSNR (dB)
-==========================================  ===========  =========
-uniform init, 64-d codes (diffusers' default)     41        16.78
-uniform init, 8-d codes                          59        17.20
-data init, 8-d codes                            460        18.38
-data init + restart every 50 steps, 8-d        2914        19.95
-==========================================  ===========  =========
+the current batch, as in Jukebox and SoundStream). Whether these help at the full budget is what
+``val/distinct_ids`` of a run shows; ``benchmarks/head_to_head.py`` reports codes used per model.
 """
 
 from __future__ import annotations
@@ -58,7 +48,7 @@ from torchmetrics.image import StructuralSimilarityIndexMeasure
 from .metrics import psnr_per_image
 from .resampler import perplexity
 from .tokenizer import RANGE_TOLERANCE, DecodeOutput, ReconstructOutput
-from .training import warmup_cosine
+from .training import adamw_warmup_cosine
 from .utils import replace_dir, save_image_grid
 
 EXTRAS_NAME = "v2flow_vq.json"  # our arguments, beside diffusers' config.json + diffusion_pytorch_model.safetensors
@@ -559,14 +549,7 @@ class VQBaselineModule(L.LightningModule):
         for name, p in self.tokenizer.named_parameters():
             if p.requires_grad:  # weight decay would pull unused codes to the origin
                 (no_decay if p.ndim < 2 or name.endswith("quantize.embedding.weight") else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
-        )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self.trainer, decay, no_decay, self.hparams)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["v2flow_vq_config"] = dict(self.tokenizer.config)

@@ -25,7 +25,7 @@ from .classifier import DigitClassifier
 from .data import ResumableDataLoader, ResumableSampler, load_mnist, training_seed
 from .llm import ImageLM, check_vocab_mode, load_causal_lm
 from .tokenizer import V2FlowTokenizer
-from .training import warmup_cosine
+from .training import adamw_warmup_cosine
 from .utils import save_image_grid
 from .vocab import BUNDLED_SMOLLM2, cache_dir
 
@@ -338,14 +338,7 @@ class ImageLMModule(L.LightningModule):
         hp = self.hparams
         decay = [p for p in self.lm.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.lm.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-        )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = warmup_cosine(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self.trainer, decay, no_decay, hp)
 
     def state_dict(self, *args, **kwargs):
         # only the LM is trained: the image tokenizer and the judge reload from their directories

@@ -37,6 +37,20 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
+def adamw_warmup_cosine(trainer: L.Trainer, decay: list, no_decay: list, hparams: Any) -> dict[str, Any]:
+    """``configure_optimizers`` output: AdamW over two parameter groups (weight decay on `decay` only) and the
+    :func:`warmup_cosine` schedule over the run, stepped per optimiser step. `hparams` carries ``lr``,
+    ``weight_decay``, ``betas``, ``warmup_steps`` and ``min_lr_ratio``."""
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hparams.lr,
+        betas=tuple(hparams.betas),
+    )
+    total = max(int(trainer.estimated_stepping_batches), 1)
+    scheduler = warmup_cosine(optimizer, hparams.warmup_steps, total, hparams.min_lr_ratio)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class EMA(WeightAveraging):
     """Exponential moving average of the weights (Lightning's WeightAveraging).
 
@@ -344,14 +358,7 @@ class V2FlowModule(L.LightningModule):
                 )
                 else decay
             ).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
-        )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self.trainer, decay, no_decay, self.hparams)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # remembered for load_state_dict, which Lightning calls next: a mismatch then names the file and the keys
