@@ -41,8 +41,9 @@ import torch
 from PIL import Image, features
 
 import v2flow
-from v2flow import LLMVocabulary, V2FlowTokenizer
+from v2flow import V2FlowTokenizer
 from v2flow.data import load_image
+from v2flow.testing import tiny_tokenizer
 from v2flow.tokenizer import RANGE_TOLERANCE
 
 PACKAGE_DIR = Path(v2flow.__file__).resolve().parent
@@ -535,19 +536,6 @@ def image_file_cases(tmp_dir: str | Path, n: int, seed: int) -> Iterator[Case]:
 
 
 # ---------------------------------------------------------------------------- the sweep
-
-
-def tiny_tokenizer(**overrides) -> V2FlowTokenizer:
-    """A tiny random tokenizer (8x8 gray images, 4 tokens, 32 of 100 LLM ids), as the tests use."""
-    config = dict(image_size=8, in_channels=1, patch_size=4, num_tokens=4, encoder_dim=16, encoder_depth=1)
-    config.update(encoder_heads=2, num_entries=32, llm_dim=24, code_dim=8, codebook_size=16, decoder_dim=16)
-    config.update(decoder_encoder_depth=1, decoder_depth=1, decoder_heads=2, head_width=16, head_depth=1)
-    torch.manual_seed(0)
-    tok = V2FlowTokenizer(**{**config, "sample_steps": 2, **overrides})
-    g = torch.Generator().manual_seed(0)
-    table, ids = torch.randn(100, 24, generator=g), torch.randperm(100, generator=g)[:32].sort().values
-    tok.set_vocabulary(LLMVocabulary(table[ids], ids, "tiny-llm", 100, [f"tok{i}" for i in ids.tolist()]))
-    return tok.eval()
 
 
 def sweep(tokenizer: V2FlowTokenizer, n: int, seed: int, tmp_dir: str | Path) -> dict:

@@ -24,13 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
-import fuzz_cases  # noqa: E402
-import memory  # noqa: E402
-import reliability_checks  # noqa: E402
-
+from benchmarks import fuzz_cases, memory, reliability_checks  # noqa: E402
 from v2flow import V2FlowTokenizer  # noqa: E402
+from v2flow.testing import tiny_tokenizer  # noqa: E402
 
 CHECKS = ("resume", "ddp", "fuzz", "memory")
 
@@ -44,8 +42,8 @@ def run(checks: list[str], fuzz_n: int, checkpoint: str, sizes: list[int], workd
     if "fuzz" in checks:
         sweep = {}
         for name, tokenizer in (
-            ("unordered", fuzz_cases.tiny_tokenizer()),
-            ("ordered", fuzz_cases.tiny_tokenizer(token_order="ordered", truncation_prob=0.5)),
+            ("unordered", tiny_tokenizer()),
+            ("ordered", tiny_tokenizer(token_order="ordered", truncation_prob=0.5)),
             ("shipped", V2FlowTokenizer.from_pretrained(checkpoint)),
         ):
             (workdir / f"fuzz-{name}").mkdir(parents=True)

@@ -38,48 +38,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import TensorDataset
 
-from v2flow import LLMVocabulary, V2FlowTokenizer
 from v2flow.data import _ImageDataModule
 from v2flow.resampler import perplexity
+from v2flow.testing import tiny_tokenizer
 from v2flow.training import EMA, ReplicaCheck, V2FlowModule
 
 REPO = Path(__file__).resolve().parents[1]
 
-# the TINY tokenizer of tests/conftest.py
-TINY = dict(
-    image_size=8,
-    in_channels=1,
-    patch_size=4,
-    num_tokens=4,
-    encoder_dim=16,
-    encoder_depth=1,
-    encoder_heads=2,
-    num_entries=32,
-    llm_dim=24,
-    code_dim=8,
-    codebook_size=16,
-    decoder_dim=16,
-    decoder_encoder_depth=1,
-    decoder_depth=1,
-    decoder_heads=2,
-    head_width=16,
-    head_depth=1,
-    sample_steps=2,
-)
-
-
 # ---------------------------------------------------------------------------- tiny fits
-
-
-def tiny_tokenizer(quantizer: str = "vocab", seed: int = 0) -> V2FlowTokenizer:
-    """The TINY tokenizer with a random 32-row vocabulary of a 100-token "LLM" (seeded: identical every call)."""
-    torch.manual_seed(seed)
-    tok = V2FlowTokenizer(**TINY, quantizer=quantizer)
-    g = torch.Generator().manual_seed(seed)
-    table = torch.randn(100, TINY["llm_dim"], generator=g)
-    ids = torch.randperm(100, generator=g)[: TINY["num_entries"]].sort().values
-    tok.set_vocabulary(LLMVocabulary(table[ids], ids, "tiny-llm", 100, [f"tok{i}" for i in ids.tolist()]))
-    return tok
 
 
 class RandomImagesDataModule(_ImageDataModule):
@@ -168,7 +134,7 @@ def tiny_fit(
     Validation (one batch) runs every `val_every` steps, so the checks also cover the EMA swap around it.
     """
     L.seed_everything(0, verbose=False)  # also the seed of the training order (PL_GLOBAL_SEED)
-    module = V2FlowModule(tiny_tokenizer(quantizer), warmup_steps=2, val_recon_batches=1, grid_size=2)
+    module = V2FlowModule(tiny_tokenizer(quantizer=quantizer).train(), warmup_steps=2, val_recon_batches=1, grid_size=2)
     options = dict(
         accelerator="cpu",
         devices=1,

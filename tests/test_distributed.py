@@ -6,18 +6,14 @@ benchmarks/reliability_checks.py): no pickling of the test's objects, no fork of
 failing rank cannot leave the other hanging in a collective.
 """
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
-
-from benchmarks.reliability_checks import ddp_check  # noqa: E402
-from v2flow.training import ReplicaCheck, weight_checksums  # noqa: E402
+from benchmarks.reliability_checks import ddp_check
+from v2flow.training import ReplicaCheck, weight_checksums
 
 
 def test_checksums_see_one_changed_element():

@@ -9,10 +9,7 @@ Runs are derandomized (the same examples every run) so CI is reproducible.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,21 +17,10 @@ from conftest import make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks import fuzz_cases as fc
 from v2flow.data import load_image
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)
-
-
-def _load_fuzz_cases():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_cases.py"
-    spec = importlib.util.spec_from_file_location("fuzz_cases", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclass-style introspection looks the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-fc = _load_fuzz_cases()
 
 
 @cache

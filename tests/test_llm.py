@@ -210,6 +210,18 @@ def test_shared_mode_refuses_another_llms_vocabulary():
         ImageLM.extend(model, text_tokenizer(), wide, mode="new", init="vocab")
 
 
+def test_shared_mode_refuses_special_tokens_in_the_vocabulary():
+    model, tok = tiny_lm("llama"), text_tokenizer()
+    image_tok = V2FlowTokenizer(**{**TINY, "num_entries": 8, "llm_dim": LM_DIM})
+    ids = torch.arange(0, 8)  # 0 is "<eos>", 1 is "<pad>"
+    rows = model.get_input_embeddings().weight.detach()[ids]
+    image_tok.set_vocabulary(LLMVocabulary(rows, ids, model.config.name_or_path, LM_VOCAB))
+    with pytest.raises(ValueError, match=r"holds 2 of the LM tokenizer's special.*'<eos>', '<pad>'.*mode='new'"):
+        ImageLM.extend(model, tok, image_tok, mode="shared")
+    assert len(tok) == LM_VOCAB  # nothing was added before the refusal
+    ImageLM.extend(model, tok, image_tok, mode="new", init="vocab")  # own rows: no clash
+
+
 def test_refuses_bad_modes_and_double_extension():
     model, tok = tiny_lm("llama"), text_tokenizer()
     image_tok = image_tokenizer_for(model)

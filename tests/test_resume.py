@@ -1,17 +1,12 @@
 """Exact resume: the training order is seeded by (seed, epoch), its position is saved in Lightning checkpoints,
 and a run resumed mid-epoch continues bit-exactly like an uninterrupted one."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils.data import DistributedSampler, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
-
-from benchmarks.reliability_checks import resume_check  # noqa: E402
-from v2flow.data import ResumableDataLoader, ResumableSampler  # noqa: E402
+from benchmarks.reliability_checks import resume_check
+from v2flow.data import ResumableDataLoader, ResumableSampler
 
 
 def _epoch(loader) -> list[int]:

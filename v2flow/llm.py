@@ -33,7 +33,7 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .utils import replace_dir
-from .vocab import BUNDLED_SMOLLM2, _fingerprint, bundled_smollm2_path, cache_dir
+from .vocab import BUNDLED_SMOLLM2, _fingerprint, _special_ids, bundled_smollm2_path, cache_dir
 
 IMAGE_START = "<|image_start|>"
 IMAGE_END = "<|image_end|>"
@@ -280,7 +280,7 @@ class ImageLM:
         old_rows = embed.weight.shape[0]
         rows = vocab.embeddings.to(embed.weight)  # (K, d_vocab)
         if mode == "shared":
-            _check_shared(model, vocab, rows)
+            _check_shared(model, tokenizer, vocab, rows)
         elif init == "vocab" and rows.shape[1] != embed.weight.shape[1]:
             raise ValueError(
                 f"init='vocab' needs the image tokenizer's vocabulary ({vocab.llm_name!r}, dim {rows.shape[1]}) "
@@ -515,8 +515,10 @@ class ImageLM:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _check_shared(model: nn.Module, vocab, rows: torch.Tensor) -> None:
-    """Refuse a shared-mode pairing unless the tokenizer's rows are the LM's own rows at those ids."""
+def _check_shared(model: nn.Module, tokenizer, vocab, rows: torch.Tensor) -> None:
+    """Refuse a shared-mode pairing unless the tokenizer's rows are the LM's own rows at those ids, none of
+    which is one of the LM tokenizer's special or added tokens (an image must never hold an EOS or a chat
+    marker: generation would stop inside it, and chat templates would split it)."""
     table = model.get_input_embeddings().weight.detach()
     names = f"the image tokenizer's vocabulary comes from {vocab.llm_name!r} but the LM is {_lm_name(model)!r}"
     if rows.shape[1] != table.shape[1] or int(vocab.token_ids.max()) >= table.shape[0]:
@@ -530,6 +532,15 @@ def _check_shared(model: nn.Module, vocab, rows: torch.Tensor) -> None:
         raise ValueError(
             f"{names}: the LM's embedding rows at the tokenizer's ids differ from the tokenizer's rows "
             f"(relative error {error:.3g}). Use mode='new', or an image tokenizer trained on this LM's vocabulary"
+        )
+    special = set(_special_ids(tokenizer)) & set(vocab.token_ids.tolist())
+    if special:
+        names = tokenizer.convert_ids_to_tokens(sorted(special)[:8])
+        raise ValueError(
+            f"the image tokenizer's vocabulary holds {len(special)} of the LM tokenizer's special or added "
+            f"tokens (ids {sorted(special)[:8]}: {names}); in shared mode an image token would be one of them. "
+            "Select the vocabulary with the LM's tokenizer so they are excluded "
+            "(LLMVocabulary.load does this), or use mode='new'"
         )
 
 
