@@ -210,6 +210,25 @@ def test_shared_mode_refuses_another_llms_vocabulary():
         ImageLM.extend(model, text_tokenizer(), wide, mode="new", init="vocab")
 
 
+@pytest.mark.parametrize("mode", ["shared", "new"])
+def test_added_tokens_that_land_in_padding_rows_start_from_the_trained_rows(mode):
+    # an LM whose table is padded past its tokenizer (LM_VOCAB + 8 rows) with junk in the padding
+    model, tok = tiny_lm("llama", tied=False), text_tokenizer()
+    model.resize_token_embeddings(LM_VOCAB + 8, mean_resizing=False)
+    with torch.no_grad():
+        for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            table[LM_VOCAB:] = 1e3
+    image_lm = ImageLM.extend(model, tok, image_tokenizer_for(model), mode=mode, init="vocab")
+    start, end = image_lm.layout.image_start_id, image_lm.layout.image_end_id
+    assert (start, end) == (LM_VOCAB, LM_VOCAB + 1)  # the padding rows
+    for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        real = table[:LM_VOCAB].detach()
+        assert torch.allclose(table[start], real.mean(0)) and torch.allclose(table[end], real.mean(0))
+        if mode == "new":  # rescaled to the trained rows' norm, not the junk's
+            rows = table[torch.tensor(image_lm.layout.lm_ids)].detach()
+            assert rows.norm(dim=1).mean() == pytest.approx(float(real.norm(dim=1).mean()), rel=1e-4)
+
+
 def test_shared_mode_refuses_special_tokens_in_the_vocabulary():
     model, tok = tiny_lm("llama"), text_tokenizer()
     image_tok = V2FlowTokenizer(**{**TINY, "num_entries": 8, "llm_dim": LM_DIM})

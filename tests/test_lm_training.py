@@ -145,6 +145,7 @@ def test_classifier_fit_and_export(tmp_path):
     cli = lightning_cli(args, task="classifier")
     assert "val/accuracy" in cli.trainer.callback_metrics
     ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+    assert main(["export", str(ckpt), str(tmp_path / "judge"), "--weights", "current"]) == 2, "no EMA to choose"
     assert main(["export", str(ckpt), str(tmp_path / "judge")]) == 0
     assert json.loads((tmp_path / "judge" / "config.json").read_text())["class"] == "DigitClassifier"
     judge = DigitClassifier.from_pretrained(tmp_path / "judge")

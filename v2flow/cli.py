@@ -161,7 +161,12 @@ def tool_main(argv: list[str]) -> int:
     p.add_argument("checkpoint")
     p.add_argument("output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--weights", choices=["ema", "current"], default="ema", help="EMA (default) or raw weights")
+    p.add_argument(
+        "--weights",
+        choices=["ema", "current"],
+        default=None,
+        help="tokenizer and vq checkpoints: EMA (default) or raw weights (LM and classifier runs keep no EMA)",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override sample_* decode defaults")
 
     p = sub.add_parser("encode", help="image files -> token ids")
@@ -293,6 +298,9 @@ def _export(a: argparse.Namespace) -> int:
     kind = _checkpoint_kind(a.checkpoint)
     if kind != "tokenizer" and a.set:
         raise ValueError("--set applies to tokenizer checkpoints only")
+    if kind in ("classifier", "lm") and a.weights is not None:
+        raise ValueError(f"--weights applies to tokenizer and vq checkpoints only; a {kind} run keeps no EMA copy")
+    weights = a.weights or "ema"
     if kind == "classifier":
         from .classifier import classifier_from_checkpoint
 
@@ -308,14 +316,14 @@ def _export(a: argparse.Namespace) -> int:
     if kind == "vq":
         from .baseline import vq_from_checkpoint
 
-        vq_from_checkpoint(a.checkpoint, weights=a.weights).save_pretrained(out)
+        vq_from_checkpoint(a.checkpoint, weights=weights).save_pretrained(out)
         print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
         return 0
     import yaml
 
     from .tokenizer import V2FlowTokenizer
 
-    tokenizer = tokenizer_from_checkpoint(a.checkpoint, weights=a.weights)
+    tokenizer = tokenizer_from_checkpoint(a.checkpoint, weights=weights)
     overrides = {}
     for item in a.set:
         key, _, value = item.partition("=")

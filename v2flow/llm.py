@@ -278,6 +278,9 @@ class ImageLM:
             )
         embed = model.get_input_embeddings()
         old_rows = embed.weight.shape[0]
+        # the rows the tokenizer can produce; tables are often padded beyond (to a multiple of 64, say), and
+        # the added tokens then take padding rows that were never trained
+        real_rows = min(len(tokenizer), old_rows)
         rows = vocab.embeddings.to(embed.weight)  # (K, d_vocab)
         if mode == "shared":
             _check_shared(model, tokenizer, vocab, rows)
@@ -292,15 +295,22 @@ class ImageLM:
         tokenizer.add_tokens(new_tokens, special_tokens=True)
         start_id, end_id = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
         model.resize_token_embeddings(max(len(tokenizer), old_rows), mean_resizing=True)
+        tables = [model.get_input_embeddings().weight]
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
+            tables.append(out.weight)
+        with torch.no_grad():
+            for weight in tables:  # boundary tokens that landed in padding start at the mean of the real rows
+                padded = [i for i in (start_id, end_id) if i < old_rows]
+                if padded:
+                    weight[padded] = weight[:real_rows].float().mean(0).to(weight.dtype)
         if mode == "shared":
             lm_ids = vocab.token_ids.tolist()
         else:
             lm_ids = tokenizer.convert_tokens_to_ids([NEW_TOKEN.format(k) for k in range(vocab.num_entries)])
             with torch.no_grad():
-                _init_rows(model.get_input_embeddings().weight, lm_ids, old_rows, rows, init, generator)
-                out = model.get_output_embeddings()
-                if out is not None and out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-                    _init_rows(out.weight, lm_ids, old_rows, rows, init, generator)
+                for weight in tables:
+                    _init_rows(weight, lm_ids, real_rows, rows, init, generator)
         layout = ImageTokenLayout(
             mode=mode,
             num_tokens=image_tokenizer.config["num_tokens"],
@@ -547,13 +557,14 @@ def _check_shared(model: nn.Module, tokenizer, vocab, rows: torch.Tensor) -> Non
 def _init_rows(
     weight: torch.Tensor,
     ids: list[int],
-    old_rows: int,
+    real_rows: int,
     vectors: torch.Tensor,
     init: str,
     generator: torch.Generator | None,
 ) -> None:
-    """Initialise `weight[ids]` from `vectors` (rescaled to the table's mean row norm) or at random."""
-    old = weight[:old_rows].float()
+    """Initialise `weight[ids]` from `vectors` (rescaled to the mean row norm of the table's first `real_rows`
+    rows, its trained ones) or at random with their standard deviation."""
+    old = weight[:real_rows].float()
     index = torch.tensor(ids, device=weight.device)
     if init == "vocab":
         v = vectors.float().to(weight.device)

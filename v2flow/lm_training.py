@@ -62,12 +62,19 @@ def encode_images(
     return torch.cat(out)
 
 
-def cached_mnist_tokens(image_tokenizer: str | os.PathLike, split: str, limit: int = 0, batch_size: int = 500) -> dict:
-    """Image-tokenizer ids of (the first `limit` images of) an MNIST split, computed once and cached beside
-    the vocabularies.
+def cached_mnist_tokens(
+    image_tokenizer: str | os.PathLike,
+    split: str,
+    limit: int = 0,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Image-tokenizer ids of (the first `limit` images of) an MNIST split, computed once on `device` and
+    cached beside the vocabularies.
 
     The cache key is the digest of the tokenizer's weights (and the limit), so retraining or re-exporting
-    invalidates it.
+    invalidates it. The device is not part of the key: ids encoded on another device can differ where two
+    entries are nearly tied, and the first cache written is kept.
 
     Returns:
         ``{"ids": (n, N) int32, "labels": (n,) int64}``.
@@ -79,7 +86,7 @@ def cached_mnist_tokens(image_tokenizer: str | os.PathLike, split: str, limit: i
     target = cache_dir() / "tokens" / f"mnist-{split}-{limit or 'all'}-{_file_digest(weights)}.pt"
     if target.exists():
         return torch.load(target, weights_only=True)
-    tokenizer = V2FlowTokenizer.from_pretrained(path)
+    tokenizer = V2FlowTokenizer.from_pretrained(path).to(device)
     images, labels = load_mnist(split)
     if limit:
         images, labels = images[:limit], labels[:limit]
@@ -119,6 +126,8 @@ class MNISTTokenDataModule(L.LightningDataModule):
         captions: caption templates (``{word}``, ``{digit}``); training draws one per sample, evaluation
             uses the first.
         train_limit, val_limit: use only the first n pairs of a split (0 = all).
+        encode_device: where the image tokenizer encodes the splits the first time (``"auto"``: the first CUDA
+            device when there is one, else the CPU).
     """
 
     def __init__(
@@ -130,6 +139,7 @@ class MNISTTokenDataModule(L.LightningDataModule):
         captions: list[str] | None = None,
         train_limit: int = 0,
         val_limit: int = 0,
+        encode_device: str = "auto",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -146,11 +156,15 @@ class MNISTTokenDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.captions = captions
         self.limits = {"train": train_limit, "val": val_limit}
+        self.encode_device = encode_device
         self.sets: dict[str, TensorDataset] = {}
 
     def prepare_data(self) -> None:
+        device = self.encode_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         for split in ("train", "val"):
-            cached_mnist_tokens(self.image_tokenizer, split, self.limits[split])
+            cached_mnist_tokens(self.image_tokenizer, split, self.limits[split], device=device)
 
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "val"):
