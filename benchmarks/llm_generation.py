@@ -57,6 +57,7 @@ def run(setting: str, a: argparse.Namespace, real: torch.Tensor, judge: DigitCla
         f"--model.init={init}",
         f"--model.lr={a.lr}",
         f"--model.warmup_steps={a.warmup_steps}",
+        f"--model.loss_vocabulary={a.loss_vocabulary}",
         f"--data.init_args.batch_size={a.batch_size}",
         "--model.eval_samples_per_digit=0",
         f"--seed_everything={a.seed}",
@@ -79,6 +80,7 @@ def run(setting: str, a: argparse.Namespace, real: torch.Tensor, judge: DigitCla
     return {
         "setting": setting,
         "steps": int(cli.trainer.global_step),
+        "loss_vocabulary": a.loss_vocabulary,
         "batch_size": a.batch_size,
         "train_seconds": round(train_s, 1),
         "generate_seconds": round(generate_s, 1),
@@ -104,7 +106,7 @@ def plot(results: list[dict], path: Path) -> None:
         steps, losses = zip(*r["loss_curve"], strict=True)
         ax.plot(steps, losses, label=f"{r['setting']} (acc {r['prompt_accuracy']:.0%})")
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("train loss (image tokens)")
+    ax.set_ylabel(f"train loss (image tokens; softmax over the {results[0]['loss_vocabulary']} vocabulary)")
     ax.set_title("SmolLM2-135M learning to write MNIST tokens")
     ax.legend()
     fig.tight_layout()
@@ -119,6 +121,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--loss-vocabulary", default="image", choices=["image", "full"], help="see ImageLM.loss")
     p.add_argument("--per-digit", type=int, default=100, help="generations per digit prompt")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -147,6 +150,7 @@ def main() -> None:
         "batch_size": a.batch_size,
         "lr": a.lr,
         "warmup_steps": a.warmup_steps,
+        "loss_vocabulary": a.loss_vocabulary,
         "generations_per_digit": a.per_digit,
         "temperature": a.temperature,
         "top_k": a.top_k,

@@ -137,6 +137,45 @@ def test_ids_round_trip_through_sequences(kind):
         assert torch.equal(image_lm.parse(batch["input_ids"]), ids)
 
 
+@pytest.mark.parametrize("mode", ["shared", "new"])
+def test_image_vocabulary_loss_is_the_softmax_over_image_tokens_and_the_end(kind, mode):
+    model, tok = tiny_lm(kind), text_tokenizer()
+    image_lm = ImageLM.extend(model, tok, image_tokenizer_for(model), mode=mode)
+    ids = torch.randint(0, 32, (3, TINY["num_tokens"]), generator=torch.Generator().manual_seed(0))
+    batch = image_lm.build_batch(["w3 w4", "w5", "w6 w7 w8"], image_lm.to_visual_ids(image_lm.image_token_ids[ids]))
+    out = image_lm.loss(batch, vocabulary="image")
+    # by hand: the full logits at the scored positions, restricted to the K image ids and <|image_end|>
+    logits = model(**batch).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    scored = targets != -100
+    allowed = image_lm.image_token_ids.tolist() + [image_lm.layout.image_end_id]
+    column = {t: c for c, t in enumerate(allowed)}
+    restricted = logits[scored][:, allowed]
+    expected = torch.nn.functional.cross_entropy(
+        restricted, torch.tensor([column[t] for t in targets[scored].tolist()])
+    )
+    assert scored.sum() == 3 * (TINY["num_tokens"] + 1)
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+    full = image_lm.loss(batch, vocabulary="full")
+    torch.testing.assert_close(full.loss, model(**batch).loss)
+    assert full.loss > out.loss  # the full softmax also spends mass on text tokens
+    assert 0 <= float(out.token_accuracy) <= 1
+
+
+def test_image_vocabulary_loss_refuses_transformed_logits_and_unknown_names():
+    model, tok = tiny_lm("llama"), text_tokenizer()
+    image_lm = ImageLM.extend(model, tok, image_tokenizer_for(model), mode="shared")
+    batch = image_lm.build_batch(["w3"], image_lm.to_visual_ids(image_lm.image_token_ids[:4][None]))
+    with pytest.raises(ValueError, match="unknown loss vocabulary 'text'"):
+        image_lm.loss(batch, vocabulary="text")
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match=r"transforms them \(\['final_logit_softcapping'\]\).*vocabulary='full'"):
+        image_lm.loss(batch)
+    assert torch.isfinite(image_lm.loss(batch, vocabulary="full").loss)
+
+
 def test_parse_names_malformed_generations():
     model, tok = tiny_lm("llama"), text_tokenizer()
     image_lm = ImageLM.extend(model, tok, image_tokenizer_for(model), mode="shared")

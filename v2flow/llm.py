@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -197,6 +198,21 @@ class ImageSpanLogitsProcessor(LogitsProcessor):
 
 
 @dataclass
+class LossOutput:
+    """loss: mean cross-entropy over the scored positions (the N image tokens and ``<|image_end|>``);
+    token_accuracy: the fraction of them the argmax predicts (detached)."""
+
+    loss: torch.Tensor
+    token_accuracy: torch.Tensor
+
+
+LOSS_VOCABULARIES = ("image", "full")
+
+# config fields of LMs whose logits are not lm_head(hidden) (Gemma 2 soft-capping, Cohere and Granite scales)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass
 class GenerateOutput:
     """ids (B, N): image-tokenizer ids, ready for ``V2FlowTokenizer.decode``; sequences (B, L): the LM ids
     generated, prompt included."""
@@ -230,6 +246,10 @@ class ImageLM:
         size = max(vocab_rows, max(layout.lm_ids) + 1)
         self._to_entry = torch.full((size,), -1, dtype=torch.long, device="cpu")
         self._to_entry[self._lm_ids] = torch.arange(len(layout.lm_ids), device="cpu")
+        # the image vocabulary of the loss: the K image tokens, then <|image_end|>
+        self._loss_ids = torch.cat([self._lm_ids, torch.tensor([layout.image_end_id])])  # (K + 1,)
+        self._to_loss_column = torch.full((size,), -1, dtype=torch.long, device="cpu")
+        self._to_loss_column[self._loss_ids] = torch.arange(len(self._loss_ids), device="cpu")
         self._prompt_cache: dict[str, list[int]] = {}
 
     @property
@@ -400,6 +420,49 @@ class ImageLM:
             mask[i, : len(r)] = 1
         device = ids.device
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, batch: dict[str, torch.Tensor], vocabulary: str = "image") -> LossOutput:
+        """Next-token loss of a :meth:`build_batch` batch on its scored positions.
+
+        Args:
+            batch: ``input_ids``, ``attention_mask``, ``labels`` (B, L) on the LM's device.
+            vocabulary: ``"image"``: the softmax runs over the K image tokens and ``<|image_end|>`` only,
+                the choices constrained generation leaves open, so the loss is the likelihood of what is
+                sampled, no step is spent pushing down the rest of the vocabulary, and the head costs
+                K + 1 rows instead of the whole table (SmolLM2: 4,097 of 49,152). ``"full"``: the LM's own
+                loss over its whole vocabulary.
+        """
+        if vocabulary not in LOSS_VOCABULARIES:
+            raise ValueError(f"unknown loss vocabulary {vocabulary!r}; choose one of {LOSS_VOCABULARIES}")
+        targets = batch["labels"][:, 1:]  # (B, L - 1): position i predicts token i + 1
+        scored = targets != -100
+        if vocabulary == "full":
+            out = self.model(**batch, use_cache=False)
+            with torch.no_grad():
+                hits = (out.logits[:, :-1].argmax(-1) == targets) & scored
+            return LossOutput(out.loss, hits.sum() / scored.sum())
+        head = self.model.get_output_embeddings()
+        transforms = [k for k in _LOGIT_TRANSFORMS if getattr(self.model.config, k, None) not in (None, 1, 1.0)]
+        if head is None or transforms:
+            raise ValueError(
+                f"vocabulary='image' computes logits as lm_head(hidden), but this LM transforms them ({transforms}) "
+                "or has no output embeddings; use vocabulary='full'"
+            )
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, L, d)
+        h = hidden[:, :-1][scored]  # (M, d)
+        columns = self._to_loss_column[targets[scored].cpu()].to(h.device)  # (M,)
+        if bool((columns < 0).any()):
+            raise ValueError("the batch scores tokens outside the image vocabulary; build it with build_batch")
+        rows = self._loss_ids.to(h.device)
+        bias = None if head.bias is None else head.bias[rows]
+        logits = F.linear(h, head.weight[rows], bias).float()  # (M, K + 1)
+        loss = F.cross_entropy(logits, columns)
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1) == columns).float().mean()
+        return LossOutput(loss, accuracy)
 
     def build_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Generation inputs ``prompt <|image_start|>``, left-padded: ``input_ids``, ``attention_mask`` (B, L)."""

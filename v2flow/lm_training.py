@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .classifier import DigitClassifier
 from .data import ResumableDataLoader, ResumableSampler, load_mnist, training_seed
-from .llm import ImageLM, check_vocab_mode, load_causal_lm
+from .llm import LOSS_VOCABULARIES, ImageLM, check_vocab_mode, load_causal_lm
 from .tokenizer import V2FlowTokenizer
 from .training import adamw_warmup_cosine
 from .utils import save_image_grid
@@ -213,6 +213,8 @@ class ImageLMModule(L.LightningModule):
         lr, weight_decay, betas: AdamW settings.
         warmup_steps, min_lr_ratio: the warm-up + cosine schedule.
         gradient_checkpointing: trade compute for activation memory.
+        loss_vocabulary: ``"image"`` (softmax over the image tokens and ``<|image_end|>``, what constrained
+            generation samples from) or ``"full"`` (the LM's whole vocabulary); see :meth:`ImageLM.loss`.
         judge: a :class:`DigitClassifier` directory; enables prompt-following accuracy at validation.
         eval_samples_per_digit: images written per digit at each validation (0 disables generation).
         eval_temperature, eval_top_k: sampling settings of those generations.
@@ -234,6 +236,7 @@ class ImageLMModule(L.LightningModule):
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
+        loss_vocabulary: str = "image",
         judge: str | None = None,
         eval_samples_per_digit: int = 0,
         eval_temperature: float = 1.0,
@@ -244,6 +247,8 @@ class ImageLMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         check_vocab_mode(vocab_mode, init, name="vocab_mode")
+        if loss_vocabulary not in LOSS_VOCABULARIES:
+            raise ValueError(f"unknown loss_vocabulary {loss_vocabulary!r}; choose one of {LOSS_VOCABULARIES}")
         try:
             digit_caption(0, eval_caption)
         except (KeyError, IndexError) as err:
@@ -278,15 +283,10 @@ class ImageLMModule(L.LightningModule):
     def _step(self, batch, stage: str) -> torch.Tensor:
         ids, captions = batch
         inputs = self.image_lm.build_batch(captions, ids)
-        out = self.lm(**inputs, use_cache=False)
-        with torch.no_grad():
-            targets = inputs["labels"][:, 1:]
-            scored = targets != -100
-            hits = (out.logits[:, :-1].argmax(-1) == targets) & scored
-            accuracy = hits.sum() / scored.sum()
+        out = self.image_lm.loss(inputs, vocabulary=self.hparams.loss_vocabulary)
         sync = stage != "train"
         self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, sync_dist=sync, batch_size=len(captions))
-        self.log(f"{stage}/token_accuracy", accuracy, sync_dist=sync, batch_size=len(captions))
+        self.log(f"{stage}/token_accuracy", out.token_accuracy, sync_dist=sync, batch_size=len(captions))
         return out.loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
