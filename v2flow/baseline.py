@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -45,11 +44,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-from .metrics import psnr_per_image
 from .resampler import perplexity
 from .tokenizer import RANGE_TOLERANCE, DecodeOutput, ReconstructOutput
-from .training import adamw_warmup_cosine
-from .utils import replace_dir, save_image_grid
+from .training import TokenizerEvalModule, adamw_warmup_cosine
+from .utils import replace_dir
 
 EXTRAS_NAME = "v2flow_vq.json"  # our arguments, beside diffusers' config.json + diffusion_pytorch_model.safetensors
 CODEBOOK_INITS = ("uniform", "data")
@@ -379,7 +377,7 @@ class VQTokenizer(nn.Module):
 # ---------------------------------------------------------------------------- Lightning
 
 
-class VQBaselineModule(L.LightningModule):
+class VQBaselineModule(TokenizerEvalModule):
     """Trains a :class:`VQTokenizer`: ``loss = recon + commitment_weight * commit``.
 
     ``recon`` is the pixel MSE or L1 of the straight-through reconstruction; ``commit`` is diffusers' VQ term
@@ -495,17 +493,6 @@ class VQBaselineModule(L.LightningModule):
         self._counted_steps = 0
         self._last_latents = None
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_counts = torch.zeros_like(self._val_counts, device=self.device)
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
-
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
         images = self._images(batch)
         self._step(batch, stage)
@@ -514,33 +501,9 @@ class VQBaselineModule(L.LightningModule):
         if batch_idx >= self.hparams.val_recon_batches:
             return
         recon = self.tokenizer.decode(ids).images  # through the ids: what a user of the tokens gets
-        self.psnr.update(psnr_per_image(recon, images))
-        self.ssim.update(recon, images)
+        self._score(recon, images)
         if batch_idx == 0:
-            root = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
-            if self.trainer.is_global_zero:
-                n = min(self.hparams.grid_images, len(images))
-                path = root / f"{stage}_step{self.global_step:07d}.png"
-                save_image_grid(torch.cat([images[:n], recon[:n]]), path, nrow=n)
-
-    def _log_eval_epoch(self, stage: str) -> None:
-        counts = self._val_counts.clone()
-        if self.trainer.world_size > 1:
-            counts = self.all_gather(counts).sum(0)
-        usage = self.tokenizer.usage_from_counts(counts.cpu())
-        self.log(f"{stage}/distinct_ids", float(usage["distinct_ids"]), sync_dist=True)
-        self.log(f"{stage}/perplexity", usage["perplexity"], sync_dist=True)
-        if self.ssim.update_called:
-            self.log(f"{stage}/psnr", self.psnr.compute(), prog_bar=True, sync_dist=True)
-            self.log(f"{stage}/ssim", self.ssim.compute(), sync_dist=True)
-        self.psnr.reset()
-        self.ssim.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval_epoch("test")
+            self._write_grid(images, recon, stage, self.hparams.grid_images)
 
     # ------------------------------------------------------------------ optimiser
 

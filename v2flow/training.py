@@ -166,7 +166,64 @@ class ReplicaCheck(L.Callback):
         self.check(trainer, pl_module, "at the end of training")
 
 
-class V2FlowModule(L.LightningModule):
+class TokenizerEvalModule(L.LightningModule):
+    """Validation and test bookkeeping shared by the tokenizer modules (:class:`V2FlowModule` and the VQ
+    baseline's :class:`~v2flow.baseline.VQBaselineModule`).
+
+    Vocabulary usage is counted over every rank's images, reconstructions are scored with PSNR/SSIM (reduced
+    across ranks by torchmetrics) and the first batch is written as a grid. Subclasses set ``tokenizer``,
+    ``psnr``, ``ssim`` and ``_val_counts`` (a buffer of one count per entry) and define :meth:`_eval_step`.
+    """
+
+    def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_counts = torch.zeros_like(self._val_counts, device=self.device)
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def _score(self, recon: torch.Tensor, images: torch.Tensor) -> None:
+        self.psnr.update(psnr_per_image(recon, images))
+        self.ssim.update(recon, images)
+
+    def _write_grid(self, images: torch.Tensor, recon: torch.Tensor, stage: str, n: int) -> None:
+        """Rank 0 writes the grid; every rank must call this: ``trainer.log_dir`` is a broadcast under DDP."""
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+        if not self.trainer.is_global_zero:
+            return
+        n = min(n, len(images))
+        save_image_grid(torch.cat([images[:n], recon[:n]]), root / f"{stage}_step{self.global_step:07d}.png", nrow=n)
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        counts = self._val_counts.clone()
+        if self.trainer.world_size > 1:
+            counts = self.all_gather(counts).sum(0)
+        usage = self.tokenizer.usage_from_counts(counts.cpu())
+        # every rank holds the gathered counts and logs the same value (so monitors work on every rank); the
+        # sync is a mean of equal values, there only to tell Lightning the value is global
+        self.log(f"{stage}/distinct_ids", float(usage["distinct_ids"]), sync_dist=True)
+        self.log(f"{stage}/perplexity", usage["perplexity"], sync_dist=True)
+        if self.ssim.update_called:  # compute() reduces over ranks (torchmetrics): equal values, as above
+            self.log(f"{stage}/psnr", self.psnr.compute(), prog_bar=True, sync_dist=True)
+            self.log(f"{stage}/ssim", self.ssim.compute(), sync_dist=True)
+        self.psnr.reset()
+        self.ssim.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
+
+
+class V2FlowModule(TokenizerEvalModule):
     """Trains a :class:`V2FlowTokenizer`.
 
     Args:
@@ -273,17 +330,6 @@ class V2FlowModule(L.LightningModule):
             self.log("train/batch_distinct_ids", float(indices.unique().numel()))
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_counts = torch.zeros_like(self._val_counts, device=self.device)
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
-
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
         inputs = self._inputs(batch)
         self._step(batch, stage, batch_idx)
@@ -306,42 +352,12 @@ class V2FlowModule(L.LightningModule):
             if "images" in inputs
             else self.tokenizer.first_stage.decode(inputs["latents"]).clamp(-1, 1)
         )
-        self.psnr.update(psnr_per_image(recon, images))
-        self.ssim.update(recon, images)
+        self._score(recon, images)
         if batch_idx == 0:
             name, x = next(iter(inputs.items()))
             useful = self.tokenizer.token_usefulness(**{name: x[: max(2, min(len(x), 128))]})
             self.log(f"{stage}/shuffle_gap", useful["shuffle_gap"], sync_dist=True)
-            self._write_grid(images, recon, stage)
-
-    def _write_grid(self, images: torch.Tensor, recon: torch.Tensor, stage: str) -> None:
-        """Rank 0 writes the grid; every rank must call this: ``trainer.log_dir`` is a broadcast under DDP."""
-        root = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
-        if not self.trainer.is_global_zero:
-            return
-        n = min(self.hparams.grid_size, len(images))
-        save_image_grid(torch.cat([images[:n], recon[:n]]), root / f"{stage}_step{self.global_step:07d}.png", nrow=n)
-
-    def _log_eval_epoch(self, stage: str) -> None:
-        counts = self._val_counts.clone()
-        if self.trainer.world_size > 1:
-            counts = self.all_gather(counts).sum(0)
-        usage = self.tokenizer.usage_from_counts(counts.cpu())
-        # every rank holds the gathered counts and logs the same value (so monitors work on every rank); the
-        # sync is a mean of equal values, there only to tell Lightning the value is global
-        self.log(f"{stage}/distinct_ids", float(usage["distinct_ids"]), sync_dist=True)
-        self.log(f"{stage}/perplexity", usage["perplexity"], sync_dist=True)
-        if self.ssim.update_called:  # compute() reduces over ranks (torchmetrics): equal values, as above
-            self.log(f"{stage}/psnr", self.psnr.compute(), prog_bar=True, sync_dist=True)
-            self.log(f"{stage}/ssim", self.ssim.compute(), sync_dist=True)
-        self.psnr.reset()
-        self.ssim.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval_epoch("test")
+            self._write_grid(images, recon, stage, self.hparams.grid_size)
 
     # ------------------------------------------------------------------ optimiser
 
