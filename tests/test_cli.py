@@ -94,6 +94,8 @@ def test_fit_resume_export_and_tools(tmp_path, tiny_run):
     assert main(["export", str(last), str(out), "--overwrite", "--set", "sample_steps=3"]) == 0
     assert V2FlowTokenizer.from_pretrained(out).config["sample_steps"] == 3
     assert main(["export", str(last), str(out), "--overwrite", "--set", "sample_solver=heun"]) == 2
+    # a training weight that merely starts with "sample_" is not a decode default
+    assert main(["export", str(last), str(out), "--overwrite", "--set", "sample_entropy_weight=0"]) == 2
     raw = tmp_path / "export_raw"
     assert main(["export", str(last), str(raw), "--weights", "current"]) == 0
     ema_w = tok.encoder.patch_embed.weight

@@ -327,10 +327,9 @@ def _export(a: argparse.Namespace) -> int:
     overrides = {}
     for item in a.set:
         key, _, value = item.partition("=")
-        if not key.startswith("sample_") or key not in tokenizer.config:
-            raise ValueError(
-                f"--set accepts the decode defaults only: {[k for k in tokenizer.config if k.startswith('sample_')]}"
-            )
+        decode_keys = [f"sample_{v}" for v in _SAMPLE_KEYS.values()]
+        if key not in decode_keys:  # (sample_entropy_weight is a training loss weight, not a decode default)
+            raise ValueError(f"--set accepts the decode defaults only: {decode_keys}; got {key!r}")
         overrides[key] = yaml.safe_load(value)
     if overrides:
         V2FlowTokenizer.from_config({**tokenizer.config, **overrides})  # validates the new defaults
