@@ -319,11 +319,10 @@ class ImageLM:
         out = model.get_output_embeddings()
         if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
             tables.append(out.weight)
+        padded = [i for i in (start_id, end_id) if i < old_rows]  # boundary tokens that landed in padding rows
         with torch.no_grad():
-            for weight in tables:  # boundary tokens that landed in padding start at the mean of the real rows
-                padded = [i for i in (start_id, end_id) if i < old_rows]
-                if padded:
-                    weight[padded] = weight[:real_rows].float().mean(0).to(weight.dtype)
+            for weight in tables if padded else []:  # start them at the mean of the trained rows
+                weight[padded] = weight[:real_rows].float().mean(0).to(weight.dtype)
         if mode == "shared":
             lm_ids = vocab.token_ids.tolist()
         else:
