@@ -131,3 +131,27 @@ def test_fit_resume_export_and_tools(tmp_path, tiny_run):
     assert main(["encode", str(out), str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.json")]) == 2
     torch.save({"no": 1}, tmp_path / "junk.ckpt")
     assert main(["export", str(tmp_path / "junk.ckpt"), str(tmp_path / "e2")]) == 2
+
+
+def test_streaming_commands_return_freed_heap_after_every_batch(tmp_path, monkeypatch):
+    """encode / reconstruct hand freed heap back to the OS once per batch (glibc otherwise keeps it, and the
+    resident set climbs with the folder size: benchmarks/memory.py)."""
+    import v2flow.utils
+    from v2flow.testing import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    calls = []
+    monkeypatch.setattr(v2flow.utils, "release_heap_memory", lambda: calls.append(1))
+    tok, ids = str(tmp_path / "tok"), str(tmp_path / "ids.pt")
+    assert main(["encode", tok, str(folder), "-o", ids, "--batch-size", "2"]) == 0
+    assert len(calls) == 3  # batches of 2, 2 and 1
+    assert torch.load(ids, weights_only=True)["ids"].shape == (5, 4)
+    calls.clear()
+    assert main(["reconstruct", tok, str(folder), "-o", str(tmp_path / "rec"), "--batch-size", "4"]) == 0
+    assert len(calls) == 2
+    monkeypatch.undo()
+    v2flow.utils.release_heap_memory()  # the real call: glibc's malloc_trim here, a no-op elsewhere

@@ -130,6 +130,7 @@ def _image_batches(files: list[Path], tokenizer, resize: bool, batch_size: int, 
     from tqdm.auto import tqdm
 
     from .data import load_image
+    from .utils import releasing_heap
 
     cfg = tokenizer.config
     size = cfg["image_size"]
@@ -150,7 +151,7 @@ def _image_batches(files: list[Path], tokenizer, resize: bool, batch_size: int, 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     loader = DataLoader(Files(), batch_size=batch_size)
-    return tqdm(loader, desc=desc, unit="batch", disable=None)
+    return releasing_heap(tqdm(loader, desc=desc, unit="batch", disable=None))
 
 
 def tool_main(argv: list[str]) -> int:
@@ -477,6 +478,8 @@ def _evaluation_batches(a: argparse.Namespace, tokenizer):
     """(batches with a progress bar, number of images, the crop/resize policy) of ``--data``."""
     from tqdm.auto import tqdm
 
+    from .utils import releasing_heap
+
     cfg = tokenizer.config
     c, s, limit = cfg["in_channels"], cfg["image_size"], a.limit or None
     if a.limit < 0 or a.batch_size < 1:
@@ -489,7 +492,7 @@ def _evaluation_batches(a: argparse.Namespace, tokenizer):
         if c != 1 or s < 28:
             raise ValueError(f"MNIST digits are 1x28x28 (padded); this tokenizer takes {c}x{s}x{s} images")
         images = load_mnist(a.data.removeprefix("mnist-"), pad_to=s)[0][:limit]
-        batches = tqdm(images.split(a.batch_size), desc="evaluating", unit="batch", disable=None)
+        batches = releasing_heap(tqdm(images.split(a.batch_size), desc="evaluating", unit="batch", disable=None))
         return batches, len(images), f"28x28 digits padded with background to {s}x{s}; no resize"
     if a.data == "photos-test":
         from .data import SKIMAGE_HELD_OUT, PhotoCropsDataModule
@@ -502,7 +505,7 @@ def _evaluation_batches(a: argparse.Namespace, tokenizer):
         )
         dm.setup("test")
         loader = dm.test_dataloader()
-        batches = (x for x, _ in tqdm(loader, desc="evaluating", unit="batch", disable=None))
+        batches = (x for x, _ in releasing_heap(tqdm(loader, desc="evaluating", unit="batch", disable=None)))
         return batches, len(dm.test_set), f"fixed {s}x{s} crops of the held-out photo(s) {list(held)}; no resize"
     files = _image_files([a.data])[:limit]
     policy = (

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageFileDataset, _ImageDataModule, list_images
 from .first_stage import AutoencoderFirstStage, autoencoder_downsample, load_autoencoder
+from .utils import releasing_heap
 
 INDEX_NAME = "index.json"
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -133,7 +134,7 @@ def cache_latents(
             ImageFileDataset(files[start:stop], image_size, channels), batch_size=batch_size, num_workers=num_workers
         )
         parts: dict[str, list[torch.Tensor]] = {"latents": [], "latents_flipped": []}
-        for images, _ in loader:
+        for images, _ in releasing_heap(loader):
             images = images.to(device)
             parts["latents"].append(first_stage.encode(images).to(CACHE_DTYPES[dtype]).cpu())
             if hflip:

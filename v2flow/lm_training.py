@@ -26,7 +26,7 @@ from .data import ResumableDataLoader, ResumableSampler, load_mnist, training_se
 from .llm import LOSS_VOCABULARIES, ImageLM, check_vocab_mode, load_causal_lm
 from .tokenizer import V2FlowTokenizer
 from .training import adamw_warmup_cosine
-from .utils import save_image_grid
+from .utils import releasing_heap, save_image_grid
 from .vocab import BUNDLED_SMOLLM2, cache_dir
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -57,7 +57,7 @@ def encode_images(
     device = next(tokenizer.parameters()).device
     out = [
         tokenizer.encode(chunk.to(device)).ids.cpu()
-        for chunk in tqdm(images.split(batch_size), desc=desc, unit="batch", leave=False)
+        for chunk in releasing_heap(tqdm(images.split(batch_size), desc=desc, unit="batch", leave=False))
     ]
     return torch.cat(out)
 

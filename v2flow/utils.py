@@ -1,10 +1,15 @@
-"""Small helpers: image grids and PNG writing (Pillow, no torchvision)."""
+"""Small helpers: image grids and PNG writing (Pillow, no torchvision), and returning freed heap memory."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -55,3 +60,39 @@ def replace_dir(staged: Path, path: Path) -> Path:
     else:
         staged.rename(path)
     return path
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_heap_memory() -> None:
+    """Hand the heap memory that has been freed back to the operating system (glibc; a no-op elsewhere).
+
+    Under multi-threaded CPU kernels glibc keeps freed blocks in its per-thread arenas; over a long stream
+    of batches the resident set then climbs although no tensor is held (``v2flow encode`` of 10,000
+    digits at batch 64 on 2 threads: 500 MB to 1.4 GB without this call after each batch, flat at 480 MB
+    with it). A call costs a few milliseconds (2 ms median on this 2-core machine).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+T = TypeVar("T")
+
+
+def releasing_heap(batches: Iterable[T]) -> Iterator[T]:
+    """Yield from `batches`, calling :func:`release_heap_memory` each time the consumer is done with one."""
+    for batch in batches:
+        yield batch
+        release_heap_memory()
