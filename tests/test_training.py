@@ -17,6 +17,20 @@ def test_ema_averages_floats_and_copies_integers():
         EMA(decay=1.0)
 
 
+def test_ema_refuses_strategies_that_shard_the_weights():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    module = V2FlowModule(make_tokenizer())
+    for strategy in (FSDPStrategy(), ModelParallelStrategy()):
+        with pytest.raises(ValueError, match=rf"does not support {type(strategy).__name__}.*strategy=ddp"):
+            EMA().setup(SimpleNamespace(strategy=strategy), module, "fit")
+    ema = EMA()
+    ema.setup(SimpleNamespace(strategy=DDPStrategy()), module, "fit")  # replicated weights: averaged
+    assert ema._average_model is not None
+
+
 def test_temperature_anneal_is_geometric_and_saved(tmp_path):
     tok = make_tokenizer(estimator="softmax", temperature=0.5)
     module = V2FlowModule(tok, temperature_end=0.05, temperature_anneal_steps=10)

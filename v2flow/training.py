@@ -60,6 +60,10 @@ class EMA(WeightAveraging):
     after every update: they are state, not weights. Validation runs on the averaged weights, and
     checkpoints store them as ``state_dict`` (the raw weights go to ``current_model_state``, so resuming
     restores both).
+
+    Strategies that replicate the weights (single device, DDP, DeepSpeed ZeRO 1-2) are supported. Those that
+    shard them (FSDP, ModelParallel, DeepSpeed ZeRO-3) are refused at setup: Lightning's weight averaging
+    keeps an unsharded copy built before wrapping and would average it against the local shards.
     """
 
     def __init__(self, decay: float = 0.999) -> None:
@@ -78,12 +82,32 @@ class EMA(WeightAveraging):
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and _shards_weights(trainer.strategy):
+            raise ValueError(
+                f"the EMA callback does not support {type(trainer.strategy).__name__}, which shards the weights "
+                "(Lightning's weight averaging would average an unsharded copy against the local shards). The "
+                "tokenizers fit on one device: train with --trainer.strategy=ddp, or remove the EMA callback"
+            )
+        super().setup(trainer, pl_module, stage)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._average_model is not None:
             with torch.no_grad():
                 for averaged, current in zip(self._average_model.module.buffers(), pl_module.buffers(), strict=True):
                     averaged.copy_(current)
+
+
+def _shards_weights(strategy: Any) -> bool:
+    """Whether a Lightning strategy shards the parameters across ranks (FSDP, ModelParallel, DeepSpeed ZeRO-3)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
+        return True
+    if isinstance(strategy, DeepSpeedStrategy):
+        return (getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage", 0) == 3
+    return False
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
