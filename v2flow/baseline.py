@@ -41,8 +41,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from .resampler import perplexity
 from .tokenizer import RANGE_TOLERANCE, DecodeOutput, ReconstructOutput
@@ -421,10 +419,8 @@ class VQBaselineModule(TokenizerEvalModule):
             raise ValueError(f"restart_dead_codes_every must be >= 0 (0 = off), got {restart_dead_codes_every}")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        self.psnr = MeanMetric()  # mean of per-image PSNR, as V2FlowModule logs it
-        self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
-        # plain attributes, not buffers: the EMA callback swaps every buffer in and out around validation
-        self._val_counts = torch.zeros(tokenizer.num_codes, dtype=torch.long)
+        self._init_eval(tokenizer.num_codes)
+        # a plain attribute, not a buffer, like the validation counts
         self._train_counts = torch.zeros(tokenizer.num_codes, dtype=torch.long)  # since the last restart
         self._counted_steps = 0  # steps in _train_counts (a resumed run starts counting afresh)
         self._last_latents: torch.Tensor | None = None

@@ -196,8 +196,16 @@ class TokenizerEvalModule(L.LightningModule):
 
     Vocabulary usage is counted over every rank's images, reconstructions are scored with PSNR/SSIM (reduced
     across ranks by torchmetrics) and the first batch is written as a grid. Subclasses set ``tokenizer``,
-    ``psnr``, ``ssim`` and ``_val_counts`` (a buffer of one count per entry) and define :meth:`_eval_step`.
+    call :meth:`_init_eval` in their constructor and define :meth:`_eval_step`.
     """
+
+    def _init_eval(self, num_codes: int) -> None:
+        """The metrics (mean per-image PSNR, as benchmarks/reconstruction.py reports it; SSIM) and the usage
+        counts, one per vocabulary entry or code."""
+        self.psnr = MeanMetric()
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        # a plain attribute, not a buffer: the EMA callback swaps every buffer in and out around validation
+        self._val_counts = torch.zeros(num_codes, dtype=torch.long)
 
     def _eval_step(self, batch, batch_idx: int, stage: str) -> None:
         raise NotImplementedError
@@ -296,10 +304,7 @@ class V2FlowModule(TokenizerEvalModule):
                 LLMVocabulary.load(cfg["vocab_source"], cfg["num_entries"], cfg["vocab_selection"])
             )
         install_autoencoder(tokenizer)
-        self.psnr = MeanMetric()  # mean of per-image PSNR, as benchmarks/reconstruction.py reports it
-        self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
-        # a plain attribute, not a buffer: the EMA callback swaps every buffer in and out around validation
-        self._val_counts = torch.zeros(tokenizer.resampler.num_codes, dtype=torch.long)
+        self._init_eval(tokenizer.resampler.num_codes)
 
     # ------------------------------------------------------------------ steps
 
