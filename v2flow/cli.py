@@ -378,8 +378,13 @@ def _encode(a: argparse.Namespace) -> int:
 
     tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
     files = _image_files(a.inputs)
-    batches = _image_batches(files, tokenizer, a.resize, a.batch_size, "encoding")
-    ids = torch.cat([tokenizer.encode(images.to(a.device)).ids.cpu() for images in batches])
+    # one (n, N) output written in place: a list of small per-batch tensors, kept alive between the batches'
+    # large temporaries, would pin heap pages that glibc could otherwise hand back
+    ids = torch.empty(len(files), tokenizer.config["num_tokens"], dtype=torch.long)
+    done = 0
+    for images in _image_batches(files, tokenizer, a.resize, a.batch_size, "encoding"):
+        ids[done : done + len(images)] = tokenizer.encode(images.to(a.device)).ids.cpu()
+        done += len(images)
     payload = {"files": [str(f) for f in files], "llm": tokenizer.vocabulary.llm_name}
     out = Path(a.output)
     payload["ids"] = ids if out.suffix == ".pt" else ids.tolist()
