@@ -79,9 +79,8 @@ def release_heap_memory() -> None:
     """Hand the heap memory that has been freed back to the operating system (glibc; a no-op elsewhere).
 
     Under multi-threaded CPU kernels glibc keeps freed blocks in its per-thread arenas; over a long stream
-    of batches the resident set then climbs although no tensor is held (``v2flow encode`` of 10,000
-    digits at batch 64 on 2 threads: 500 MB to 1.4 GB without this call after each batch, flat at 480 MB
-    with it). A call costs a few milliseconds (2 ms median on this 2-core machine).
+    of batches the resident set then climbs although no tensor is held (``benchmarks/memory.py`` measures
+    it with and without this call, ``--no-release``). A call costs a few milliseconds, small beside a batch.
     """
     trim = _malloc_trim()
     if trim is not None:
