@@ -61,8 +61,9 @@ class EMA(WeightAveraging):
     checkpoints store them as ``state_dict`` (the raw weights go to ``current_model_state``, so resuming
     restores both).
 
-    Strategies that replicate the weights (single device, DDP; tested) work. Those that shard them (FSDP, ModelParallel, DeepSpeed ZeRO-3) are refused at setup: Lightning's weight averaging
-    keeps an unsharded copy built before wrapping and would average it against the local shards.
+    Strategies that replicate the weights (single device, DDP; tested) work. Those that shard them (FSDP,
+    ModelParallel, DeepSpeed ZeRO-3) are refused at setup: Lightning's weight averaging keeps an unsharded
+    copy built before wrapping and would average it against the local shards.
     """
 
     def __init__(self, decay: float = 0.999) -> None:
