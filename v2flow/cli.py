@@ -378,8 +378,8 @@ def _encode(a: argparse.Namespace) -> int:
 
     tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
     files = _image_files(a.inputs)
-    # one (n, N) output written in place: a list of small per-batch tensors, kept alive between the batches'
-    # large temporaries, would pin heap pages that glibc could otherwise hand back
+    # one (n, N) output written in place, rather than small per-batch tensors kept alive between the batches'
+    # large temporaries, where they can pin heap pages that glibc would otherwise hand back
     ids = torch.empty(len(files), tokenizer.config["num_tokens"], dtype=torch.long)
     done = 0
     for images in _image_batches(files, tokenizer, a.resize, a.batch_size, "encoding"):
