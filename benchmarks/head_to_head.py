@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -46,6 +47,9 @@ from typing import Any
 
 import lightning as L
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+from benchmarks.report import merge_json, replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("mnist", "photos")
@@ -320,36 +324,6 @@ def goal_verdicts(models: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
-def write_section(path: str | Path, dataset: str, section: str) -> Path:
-    """Replace the section of `dataset` in the markdown file `path` (between its markers), or append it; the
-    file is written under a temporary name and renamed."""
-    path = Path(path)
-    start, end = f"<!-- head_to_head:{dataset}:start -->", f"<!-- head_to_head:{dataset}:end -->"
-    block = f"{start}\n{section.rstrip()}\n{end}"
-    text = path.read_text() if path.exists() else ""
-    if start in text and end in text and text.index(start) < text.index(end):
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
-def write_json(path: str | Path, dataset: str, entry: dict[str, Any]) -> Path:
-    """Merge this data set's entry into the JSON file `path` (other data sets are kept)."""
-    path = Path(path)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[dataset] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-    return path
-
-
 # ---------------------------------------------------------------------------- main
 
 
@@ -420,10 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     for dataset in a.datasets:
         entry = run_dataset(dataset, a)
-        write_json(a.json, dataset, entry)
+        merge_json(a.json, dataset, entry)
         section = markdown_section(dataset, entry)
         if a.out:
-            write_section(a.out, dataset, section)
+            replace_section(a.out, f"head_to_head:{dataset}", section)
         print("\n" + section, flush=True)
     return 0
 

@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -36,10 +37,12 @@ from pathlib import Path
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+from benchmarks.report import replace_section  # noqa: E402
 from v2flow import LLMVocabulary, V2FlowTokenizer
-from v2flow.data import load_mnist
-from v2flow.flops import count_flops, matmul_peak, mfu, register_cpu_attention_flops, synchronize
-from v2flow.metrics import psnr_per_image
+from v2flow.data import load_mnist  # noqa: E402
+from v2flow.flops import count_flops, matmul_peak, mfu, register_cpu_attention_flops, synchronize  # noqa: E402
+from v2flow.metrics import psnr_per_image  # noqa: E402
 
 COMMANDS = ("throughput", "mfu", "quality-cost", "scaling")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -646,6 +649,12 @@ def parser() -> argparse.ArgumentParser:
     shared.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     shared.add_argument("--output", default=None, help="also write the JSON result here")
     shared.add_argument(
+        "--markdown",
+        default=None,
+        help="also write the table into this markdown report (e.g. BENCHMARKS.md), replacing this sub-command's "
+        "section for this device, dtype and compile setting",
+    )
+    shared.add_argument(
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
@@ -719,6 +728,33 @@ def main(argv: list[str] | None = None) -> None:
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(json.dumps(result, indent=1) + "\n")
+    if a.markdown:
+        key, section = markdown_section(a.command, result, text, env, Path(a.markdown))
+        replace_section(a.markdown, key, section)
+
+
+def markdown_section(command: str, result: dict, text: str, env: Env, report: Path) -> tuple[str, str]:
+    """(key, markdown) of one measurement in the report `report`: one section per sub-command x device x dtype
+    x compile setting, so a GPU run adds its own section next to the CPU one instead of replacing it. A plot
+    (quality-cost) is shown as an image, linked relative to the report."""
+    setting = f"{env.dtype_name}{', torch.compile' if env.compile else ''}"
+    if env.device.type == "cuda":
+        device = torch.cuda.get_device_name(env.device)
+    else:
+        device = f"CPU ({os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} torch threads)"
+    key = f"speed:{command}:{env.device.type}-{env.dtype_name}{'-compile' if env.compile else ''}"
+    title = {"throughput": "throughput", "mfu": "model FLOPs utilisation", "quality-cost": "quality vs decode cost"}
+    lines = [
+        f"### Speed, {title.get(command, command)}: {device}, {setting}",
+        "",
+        f"`{result['command']}` (torch {torch.__version__}, {time.strftime('%Y-%m-%d')})",
+        "",
+        text,
+    ]
+    if "plot" in result:
+        plot = Path(os.path.relpath(Path(result["plot"]).resolve(), report.resolve().parent)).as_posix()
+        lines += ["", f"![{title.get(command, command)}]({plot})"]
+    return key, "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """The diffusers VQModel baseline (v2flow.baseline) and the head-to-head benchmark's writers."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import head_to_head as h2h
+from benchmarks.report import merge_json, replace_section
 from v2flow.baseline import VQBaselineModule, VQTokenizer, vq_from_checkpoint
 from v2flow.cli import _checkpoint_kind, lightning_cli, main
 
@@ -32,13 +33,6 @@ def make_vq(**overrides) -> VQTokenizer:
 def images_for(tok: VQTokenizer, n: int = 3) -> torch.Tensor:
     c, s = tok.config["in_channels"], tok.config["image_size"]
     return torch.rand(n, c, s, s, generator=torch.Generator().manual_seed(1)) * 2 - 1
-
-
-def load_head_to_head():
-    spec = importlib.util.spec_from_file_location("head_to_head", ROOT / "benchmarks" / "head_to_head.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------- construction
@@ -228,7 +222,6 @@ def _entry(fd_ours: float | None, psnr_ours: float) -> dict:
 
 
 def test_head_to_head_goal_and_section_replacement(tmp_path):
-    h2h = load_head_to_head()
     assert (
         "FD 1.000 vs 2.000 (goal lower: met); PSNR 19.50 vs 20.00 dB (-0.50 dB; goal >= -1 dB: met)"
         in (h2h.goal_verdicts(_entry(1.0, 19.5)["models"])["16"])
@@ -240,18 +233,18 @@ def test_head_to_head_goal_and_section_replacement(tmp_path):
     out.write_text("# Benchmarks\n\nkept text\n")
     entry = _entry(1.0, 19.5)
     entry["goal"] = h2h.goal_verdicts(entry["models"])
-    h2h.write_section(out, "mnist", h2h.markdown_section("mnist", entry))
-    h2h.write_section(out, "photos", "photos section\n")
+    replace_section(out, "head_to_head:mnist", h2h.markdown_section("mnist", entry))
+    replace_section(out, "head_to_head:photos", "photos section\n")
     first = out.read_text()
     assert first.startswith("# Benchmarks\n\nkept text\n") and "| v2flow | 16 | 192 | 1.80M |" in first
     entry = _entry(3.0, 18.0)
     entry["goal"] = h2h.goal_verdicts(entry["models"])
-    h2h.write_section(out, "mnist", h2h.markdown_section("mnist", entry))
+    replace_section(out, "head_to_head:mnist", h2h.markdown_section("mnist", entry))
     second = out.read_text()
     assert second.count("<!-- head_to_head:mnist:start -->") == 1 and second.count("photos section") == 1
     assert "| 3.000 |" in second and "| 1.000 |" not in second, "the mnist section is replaced, not appended"
     assert second.index("mnist:start") < second.index("photos:start"), "the section keeps its place"
 
-    h2h.write_json(tmp_path / "r.json", "mnist", {"a": 1})
-    h2h.write_json(tmp_path / "r.json", "photos", {"b": 2})
+    merge_json(tmp_path / "r.json", "mnist", {"a": 1})
+    merge_json(tmp_path / "r.json", "photos", {"b": 2})
     assert json.loads((tmp_path / "r.json").read_text()) == {"mnist": {"a": 1}, "photos": {"b": 2}}

@@ -3,7 +3,6 @@ numbers (closed-form entropy gradient, one time embedding per ODE step)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -13,18 +12,12 @@ import torch.nn.functional as F
 from conftest import make_tokenizer
 from torch import nn
 
+from benchmarks import speed
 from v2flow.flops import count_flops, linear_flops, matmul_peak, mfu
 from v2flow.resampler import _ScoresAndEntropies
 from v2flow.velocity import VelocityHead
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_speed():
-    spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------ counting
@@ -82,7 +75,6 @@ def test_matmul_peak_is_a_positive_rate():
 
 
 def test_benchmark_helpers():
-    speed = load_speed()
     assert speed.loglog_slope([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
     points = [
         {"seconds_per_image": 1.0, "psnr": 20.0},
@@ -99,6 +91,16 @@ def test_benchmark_helpers():
         del a, b
 
     assert speed.peak_memory(two_live_buffers, env) == 2 * nbytes
+
+
+def test_speed_sections_are_kept_apart_per_command_and_setting(tmp_path):
+    report = tmp_path / "BENCHMARKS.md"
+    result = {"command": "python benchmarks/speed.py quality-cost", "plot": str(tmp_path / "results" / "qc.png")}
+    key, section = speed.markdown_section("quality-cost", result, "| a |", speed.Env("cpu", "fp32", False), report)
+    assert key == "speed:quality-cost:cpu-fp32" and "| a |" in section
+    assert "![quality vs decode cost](results/qc.png)" in section, "the plot is linked relative to the report"
+    key_bf16, _ = speed.markdown_section("mfu", {"command": "c"}, "", speed.Env("cpu", "bf16", True), report)
+    assert key_bf16 == "speed:mfu:cpu-bf16-compile"
 
 
 # ------------------------------------------------------------------ performance paths keep the numbers

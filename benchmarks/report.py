@@ -1,0 +1,41 @@
+"""Where benchmark results go: JSON files merged by key, and sections of a markdown report (``BENCHMARKS.md``)
+replaced in place, so each benchmark rewrites only its own part of the report. Both are written under a
+temporary name and renamed: an interrupted run never leaves a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def replace_section(path: str | Path, key: str, section: str) -> Path:
+    """Replace the text between ``<!-- {key}:start -->`` and ``<!-- {key}:end -->`` in the markdown file
+    `path` with `section`, or append the marked section when the file (or the section) is not there yet."""
+    path = Path(path)
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = f"{start}\n{section.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text and text.index(start) < text.index(end):
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    return atomic_write_text(path, text)
+
+
+def merge_json(path: str | Path, key: str, entry: Any) -> Path:
+    """Set ``data[key] = entry`` in the JSON object stored at `path` (other keys are kept)."""
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = entry
+    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
