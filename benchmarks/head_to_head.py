@@ -24,8 +24,10 @@ Measured:
   For photos the project has no trained feature extractor; FD is left out unless ``--inception-weights`` gives
   the FID Inception-v3 weights file (not available offline here).
 * encode / decode img/s: best of ``--repeats`` timed calls on one batch of ``--speed-batch`` held-out images,
-  after a warm-up call; v2flow decodes with its config's ODE steps and solver (stated in the table), the VQ
-  model with one decoder pass.
+  after a warm-up call; v2flow decodes with its config's ODE steps, solver and noise temperature (stated in the
+  table), the VQ model with one decoder pass. ``--v2flow-decode default num_steps=2,temperature=0`` evaluates
+  each v2flow model at several decode settings, one row (and one goal verdict) each: a flow decoder trades
+  PSNR (best near temperature 0, the mean-like decode) against sample sharpness (FD, best at temperature 1).
 * params: trainable parameters (v2flow also holds its frozen K x d_llm LLM rows as a buffer, not counted).
 
 Writes JSON (``--json``, one entry per data set, merged with what the file holds) and prints the markdown; with
@@ -212,17 +214,54 @@ def num_codes(tokenizer) -> int:
     return tokenizer.resampler.num_codes if hasattr(tokenizer, "resampler") else tokenizer.num_codes
 
 
-def decode(tokenizer, ids: torch.Tensor, seed: int) -> torch.Tensor:
+# v2flow decode keyword -> (config default it overrides, type); see V2FlowTokenizer.decode
+DECODE_KEYS = {
+    "num_steps": ("sample_steps", int),
+    "solver": ("sample_solver", str),
+    "num_iters": ("sample_iters", int),
+    "cfg_scale": ("sample_cfg", float),
+    "shift": ("sample_shift", float),
+    "temperature": ("sample_temperature", float),
+}
+
+
+def parse_decode(text: str) -> dict[str, Any]:
+    """``"default"`` -> {} (the config's decode defaults); ``"num_steps=2,temperature=0"`` -> decode keywords."""
+    if text == "default":
+        return {}
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in DECODE_KEYS:
+            raise argparse.ArgumentTypeError(
+                f"bad decode setting {item!r} in {text!r}: write 'default' or key=value pairs joined by commas, "
+                f"with keys from {sorted(DECODE_KEYS)}"
+            )
+        try:
+            out[key] = DECODE_KEYS[key][1](value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad value {value!r} for {key} in {text!r}") from None
+    return out
+
+
+def decode(tokenizer, ids: torch.Tensor, seed: int, settings: dict[str, Any]) -> torch.Tensor:
     if hasattr(tokenizer, "resampler"):  # v2flow: the flow ODE starts from seeded noise
-        return tokenizer.decode(ids, generator=torch.Generator(device=ids.device).manual_seed(seed)).images
+        generator = torch.Generator(device=ids.device).manual_seed(seed)
+        return tokenizer.decode(ids, generator=generator, **settings).images
     return tokenizer.decode(ids).images
 
 
-def decode_setting(tokenizer) -> str:
-    if hasattr(tokenizer, "resampler"):
-        cfg = tokenizer.config
-        return f"{cfg['sample_steps']} {cfg['sample_solver']} steps x {cfg['sample_iters']} iter"
-    return "1 decoder pass"
+def decode_setting(tokenizer, settings: dict[str, Any]) -> str:
+    """The decode a row was measured with, in words (config defaults with `settings` on top)."""
+    if not hasattr(tokenizer, "resampler"):
+        return "1 decoder pass"
+    cfg = {name: settings.get(key, tokenizer.config[name]) for key, (name, _) in DECODE_KEYS.items()}
+    text = f"{cfg['sample_steps']} {cfg['sample_solver']} steps x {cfg['sample_iters']} iter, T={cfg['sample_temperature']:g}"
+    if cfg["sample_cfg"] != 1.0:
+        text += f", cfg {cfg['sample_cfg']:g}"
+    if cfg["sample_shift"] != 1.0:
+        text += f", shift {cfg['sample_shift']:g}"
+    return text
 
 
 def best_time(fn, repeats: int, device: torch.device) -> float:
@@ -238,7 +277,9 @@ def best_time(fn, repeats: int, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(tokenizer, images: torch.Tensor, extractor, a: argparse.Namespace) -> dict[str, Any]:
+def evaluate(
+    tokenizer, images: torch.Tensor, extractor, a: argparse.Namespace, settings: dict[str, Any]
+) -> dict[str, Any]:
     from v2flow.metrics import ReconstructionMetrics
 
     device = torch.device(a.device)
@@ -247,17 +288,18 @@ def evaluate(tokenizer, images: torch.Tensor, extractor, a: argparse.Namespace) 
     for i, batch in enumerate(images.split(a.eval_batch_size)):
         batch = batch.to(device)
         encoded = tokenizer.encode(batch)
-        metrics.update(decode(tokenizer, encoded.ids, a.seed + i), batch)
+        metrics.update(decode(tokenizer, encoded.ids, a.seed + i, settings), batch)
         metrics.update_tokens(encoded.indices, num_codes(tokenizer))
     result = metrics.compute()
     speed_batch = images[: a.speed_batch].to(device)
     ids = tokenizer.encode(speed_batch).ids
     encode_s = best_time(lambda: tokenizer.encode(speed_batch), a.repeats, device)
-    decode_s = best_time(lambda: decode(tokenizer, ids, a.seed), a.repeats, device)
+    decode_s = best_time(lambda: decode(tokenizer, ids, a.seed, settings), a.repeats, device)
     result |= {
         "params": sum(p.numel() for p in tokenizer.parameters() if p.requires_grad),
         "tokens": ids.shape[1],
-        "decode_setting": decode_setting(tokenizer),
+        "decode_setting": decode_setting(tokenizer, settings),
+        "decode_overrides": settings,
         "speed_batch": len(speed_batch),
         "encode_images_per_second": len(speed_batch) / encode_s,
         "decode_images_per_second": len(speed_batch) / decode_s,
@@ -303,24 +345,29 @@ def markdown_section(dataset: str, entry: dict[str, Any]) -> str:
 
 
 def goal_verdicts(models: list[dict[str, Any]]) -> dict[str, str]:
-    """Per operating point: is v2flow's FD lower than the VQ model's, and its PSNR within 1 dB or better?"""
+    """Per operating point: is v2flow's FD lower than the VQ model's, and its PSNR within 1 dB or better? One
+    verdict per v2flow decode setting (rows of the same operating point)."""
     out = {}
-    by_tokens: dict[int, dict[str, dict]] = {}
+    by_tokens: dict[int, dict[str, list[dict]]] = {}
     for m in models:
-        by_tokens.setdefault(m["eval"]["tokens"], {})[m["kind"]] = m["eval"]
-    for tokens, pair in sorted(by_tokens.items()):
-        if set(pair) != set(KINDS):
+        by_tokens.setdefault(m["eval"]["tokens"], {}).setdefault(m["kind"], []).append(m["eval"])
+    for tokens, rows in sorted(by_tokens.items()):
+        if set(rows) != set(KINDS):
             continue
-        ours, vq = pair["v2flow"], pair["vq"]
-        psnr_gap = ours["psnr"] - vq["psnr"]
-        met = "met" if psnr_gap >= -1.0 else "not met"
-        psnr = f"PSNR {ours['psnr']:.2f} vs {vq['psnr']:.2f} dB ({psnr_gap:+.2f} dB; goal >= -1 dB: {met})"
-        if ours["fd"] is None or vq["fd"] is None:
-            fd = "FD not measured"
-        else:
-            met = "met" if ours["fd"] < vq["fd"] else "not met"
-            fd = f"FD {ours['fd']:.3f} vs {vq['fd']:.3f} (goal lower: {met})"
-        out[str(tokens)] = f"v2flow vs VQ: {fd}; {psnr}."
+        vq = rows["vq"][0]
+        verdicts = []
+        for ours in rows["v2flow"]:
+            psnr_gap = ours["psnr"] - vq["psnr"]
+            met = "met" if psnr_gap >= -1.0 else "not met"
+            psnr = f"PSNR {ours['psnr']:.2f} vs {vq['psnr']:.2f} dB ({psnr_gap:+.2f} dB; goal >= -1 dB: {met})"
+            if ours["fd"] is None or vq["fd"] is None:
+                fd = "FD not measured"
+            else:
+                met = "met" if ours["fd"] < vq["fd"] else "not met"
+                fd = f"FD {ours['fd']:.3f} vs {vq['fd']:.3f} (goal lower: {met})"
+            who = "v2flow" if len(rows["v2flow"]) == 1 else f"v2flow ({ours['decode_setting']})"
+            verdicts.append(f"{who} vs VQ: {fd}; {psnr}.")
+        out[str(tokens)] = " ".join(verdicts)
     return out
 
 
@@ -340,10 +387,12 @@ def run_dataset(dataset: str, a: argparse.Namespace) -> dict[str, Any]:
     for tokens in a.tokens:
         for kind in KINDS:
             tokenizer, stats = train(dataset, kind, tokens, a)
-            print(f"[{dataset}_{kind}_{tokens}] evaluating on {len(images)} held-out images", flush=True)
-            result = evaluate(tokenizer, images, extractor, a)
             name = "v2flow" if kind == "v2flow" else "VQ (diffusers VQModel)"
-            models.append({"model": name, "kind": kind, "train": stats, "eval": result})
+            for overrides in a.v2flow_decode if kind == "v2flow" else [{}]:
+                shown = decode_setting(tokenizer, overrides)
+                print(f"[{dataset}_{kind}_{tokens}] evaluating on {len(images)} held-out images ({shown})", flush=True)
+                result = evaluate(tokenizer, images, extractor, a, overrides)
+                models.append({"model": name, "kind": kind, "train": stats, "eval": result})
     train_device, eval_device = device_name(models[0]["train"]["device"]), device_name(a.device)
     if train_device != eval_device:
         train_device = f"trained on {train_device}, evaluated on {eval_device}"
@@ -381,6 +430,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classifier", default=str(ROOT / "checkpoints" / "mnist-classifier"), help="MNIST FD features")
     p.add_argument("--inception-weights", default=None, help="FID Inception-v3 weights file, for the photos FD")
     p.add_argument("--seed", type=int, default=0, help="decode noise and KID subsets")
+    p.add_argument(
+        "--v2flow-decode",
+        nargs="+",
+        type=parse_decode,
+        default=[{}],
+        metavar="SETTING",
+        help="v2flow decode settings, one table row each: 'default' (the config's) or key=value pairs joined by "
+        f"commas, keys {', '.join(DECODE_KEYS)} (e.g. default num_steps=2,temperature=0)",
+    )
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "head_to_head.json"))
     p.add_argument("--out", default=None, help="markdown file whose head-to-head sections are replaced")
     p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")

@@ -1,5 +1,6 @@
 """The diffusers VQModel baseline (v2flow.baseline) and the head-to-head benchmark's writers."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -219,6 +220,25 @@ def _entry(fd_ours: float | None, psnr_ours: float) -> dict:
     models = [model("v2flow", 16, fd_ours, psnr_ours), model("vq", 16, 2.0, 20.0)]
     settings = {"max_steps": 20, "batch_size": 16, "device": "cpu", "date": "today", "eval_images": 200}
     return {"settings": {**settings, "speed_batch": 64, "repeats": 3}, "fd_note": "note", "models": models}
+
+
+def test_head_to_head_decode_settings_give_one_verdict_each():
+    assert h2h.parse_decode("default") == {}
+    assert h2h.parse_decode("num_steps=2,temperature=0,solver=rk4") == {
+        "num_steps": 2,
+        "temperature": 0.0,
+        "solver": "rk4",
+    }
+    for bad in ("steps=2", "num_steps", "num_steps=two"):
+        with pytest.raises(argparse.ArgumentTypeError, match="num_steps|steps=2"):
+            h2h.parse_decode(bad)
+    models = _entry(1.0, 19.5)["models"]
+    second = {**models[0], "eval": {**models[0]["eval"], "psnr": 21.0, "fd": 3.0, "decode_setting": "2 steps, T=0"}}
+    verdict = h2h.goal_verdicts([models[0], second, models[1]])["16"]
+    assert (
+        "(goal lower: met)" in verdict
+        and "v2flow (2 steps, T=0) vs VQ: FD 3.000 vs 2.000 (goal lower: not met)" in verdict
+    )
 
 
 def test_head_to_head_goal_and_section_replacement(tmp_path):
