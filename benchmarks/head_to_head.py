@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -51,7 +49,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
-from benchmarks.report import merge_json, replace_section  # noqa: E402
+from benchmarks.report import device_name, merge_json, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("mnist", "photos")
@@ -372,12 +370,6 @@ def goal_verdicts(models: list[dict[str, Any]]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- main
-
-
-def device_name(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
 def run_dataset(dataset: str, a: argparse.Namespace) -> dict[str, Any]:

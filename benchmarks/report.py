@@ -6,8 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
+
+import torch
+
+
+def device_name(device: str | torch.device) -> str:
+    """The machine a measurement ran on, in words: the GPU's name, or the CPU's cores and torch threads."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -38,11 +38,11 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
-from benchmarks.report import replace_section  # noqa: E402
+from benchmarks.report import atomic_write_text, device_name, replace_section
 from v2flow import LLMVocabulary, V2FlowTokenizer
-from v2flow.data import load_mnist  # noqa: E402
-from v2flow.flops import count_flops, matmul_peak, mfu, register_cpu_attention_flops, synchronize  # noqa: E402
-from v2flow.metrics import psnr_per_image  # noqa: E402
+from v2flow.data import load_mnist
+from v2flow.flops import count_flops, matmul_peak, mfu, register_cpu_attention_flops, synchronize
+from v2flow.metrics import psnr_per_image
 
 COMMANDS = ("throughput", "mfu", "quality-cost", "scaling")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -726,8 +726,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result, indent=1))
     print("\n" + text)
     if a.output:
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.output).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(a.output, json.dumps(result, indent=1) + "\n")
     if a.markdown:
         key, section = markdown_section(a.command, result, text, env, Path(a.markdown))
         replace_section(a.markdown, key, section)
@@ -738,10 +737,7 @@ def markdown_section(command: str, result: dict, text: str, env: Env, report: Pa
     x compile setting, so a GPU run adds its own section next to the CPU one instead of replacing it. A plot
     (quality-cost) is shown as an image, linked relative to the report."""
     setting = f"{env.dtype_name}{', torch.compile' if env.compile else ''}"
-    if env.device.type == "cuda":
-        device = torch.cuda.get_device_name(env.device)
-    else:
-        device = f"CPU ({os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} torch threads)"
+    device = device_name(env.device)
     key = f"speed:{command}:{env.device.type}-{env.dtype_name}{'-compile' if env.compile else ''}"
     title = {"throughput": "throughput", "mfu": "model FLOPs utilisation", "quality-cost": "quality vs decode cost"}
     lines = [

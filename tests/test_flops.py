@@ -4,7 +4,6 @@ numbers (closed-form entropy gradient, one time embedding per ODE step)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,6 @@ from benchmarks import speed
 from v2flow.flops import count_flops, linear_flops, matmul_peak, mfu
 from v2flow.resampler import _ScoresAndEntropies
 from v2flow.velocity import VelocityHead
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ------------------------------------------------------------------ counting
 
