@@ -32,12 +32,18 @@ from v2flow.metrics import psnr_per_image
 from v2flow.utils import save_image_grid
 
 
-def prefix_quality(tok: V2FlowTokenizer, images: torch.Tensor, ids: torch.Tensor, k: int, batch_size: int) -> dict:
-    ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+def prefix_quality(
+    tok: V2FlowTokenizer, images: torch.Tensor, ids: torch.Tensor, k: int, batch_size: int, **decode_kwargs
+) -> dict:
+    """PSNR and SSIM of ``decode(ids[:, :k])`` against `images`; `decode_kwargs` override the config's defaults."""
+    device = tok.vocabulary.embeddings.device
+    ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)
     psnr_sum = 0.0
     for i in range(0, len(images), batch_size):
-        x, prefix = images[i : i + batch_size], ids[i : i + batch_size, :k]
-        y = tok.decode(prefix, allow_truncation=True, generator=torch.Generator().manual_seed(i)).images
+        x, prefix = images[i : i + batch_size].to(device), ids[i : i + batch_size, :k].to(device)
+        y = tok.decode(
+            prefix, allow_truncation=True, generator=torch.Generator().manual_seed(i), **decode_kwargs
+        ).images
         psnr_sum += float(psnr_per_image(y, x).sum())
         ssim.update(y, x)
     return {"psnr": psnr_sum / len(images), "ssim": float(ssim.compute())}
@@ -52,7 +58,9 @@ def position_entropy(indices: torch.Tensor, num_codes: int) -> list[float]:
     return out
 
 
-def next_token_entropy(train: torch.Tensor, test: torch.Tensor, num_codes: int, steps: int, seed: int) -> list[float]:
+def next_token_entropy(
+    train: torch.Tensor, test: torch.Tensor, num_codes: int, steps: int, seed: int, device: str = "cpu"
+) -> list[float]:
     """Per-position next-token cross-entropy (bits) on `test` of a small GPT-2 trained on `train` (n, N).
 
     Position i is scored on predicting token i from tokens < i (position 0 from a start token alone)."""
@@ -62,11 +70,12 @@ def next_token_entropy(train: torch.Tensor, test: torch.Tensor, num_codes: int, 
     n = train.shape[1]
     bos = num_codes
     config = GPT2Config(vocab_size=num_codes + 1, n_positions=n + 1, n_embd=128, n_layer=2, n_head=4, bos_token_id=bos)
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config).to(device)
+    train, test = train.to(device), test.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 
     def with_bos(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.full((len(x), 1), bos), x], dim=1)
+        return torch.cat([torch.full((len(x), 1), bos, device=x.device), x], dim=1)
 
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -83,7 +92,7 @@ def next_token_entropy(train: torch.Tensor, test: torch.Tensor, num_codes: int, 
             x = with_bos(chunk)
             logits = model(x).logits[:, :-1]  # (B, N, V): position i predicts token i
             nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (B, N)
-            total += nll.double().sum(0)
+            total += nll.double().sum(0).cpu()
     return (total / len(test) / math.log(2)).tolist()
 
 
@@ -98,6 +107,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--grid-digits", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the tokenizers and the AR model run (cpu, cuda, ...)")
     p.add_argument("--out", type=Path, default=Path("runs/prefix"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -107,16 +117,17 @@ def main() -> None:
     train = train[: a.train_limit]
     results, grid_rows = {}, {}
     for mode, path in (("ordered", a.ordered), ("unordered", a.unordered)):
-        tok = V2FlowTokenizer.from_pretrained(path)
+        tok = V2FlowTokenizer.from_pretrained(path).to(a.device)
         n = tok.config["num_tokens"]
         start = time.perf_counter()
         ids = encode_images(tok, test, a.batch_size, desc=f"encoding ({mode})")
-        indices = tok._ids_to_indices(ids)
+        indices = tok._ids_to_indices(ids.to(a.device)).cpu()
         prefixes = [k for k in a.prefixes if k <= n]
         quality = {
             k: prefix_quality(tok, test, ids, k, a.batch_size) for k in tqdm(prefixes, desc=f"prefixes ({mode})")
         }
-        train_indices = tok._ids_to_indices(encode_images(tok, train, a.batch_size, desc=f"encoding train ({mode})"))
+        train_ids = encode_images(tok, train, a.batch_size, desc=f"encoding train ({mode})")
+        train_indices = tok._ids_to_indices(train_ids.to(a.device)).cpu()
         num_codes = tok.resampler.num_codes
         results[mode] = {
             "checkpoint": path,
@@ -125,14 +136,16 @@ def main() -> None:
             "psnr": {k: q["psnr"] for k, q in quality.items()},
             "ssim": {k: q["ssim"] for k, q in quality.items()},
             "position_entropy_bits": position_entropy(indices, num_codes),
-            "next_token_entropy_bits": next_token_entropy(train_indices, indices, num_codes, a.ar_steps, a.seed),
+            "next_token_entropy_bits": next_token_entropy(
+                train_indices, indices, num_codes, a.ar_steps, a.seed, a.device
+            ),
             "seconds": round(time.perf_counter() - start, 1),
         }
         digits = test[: a.grid_digits]
         decoded = [
             tok.decode(
-                ids[: a.grid_digits, :k], allow_truncation=True, generator=torch.Generator().manual_seed(0)
-            ).images
+                ids[: a.grid_digits, :k].to(a.device), allow_truncation=True, generator=torch.Generator().manual_seed(0)
+            ).images.cpu()
             for k in prefixes
         ]
         grid_rows[mode] = torch.stack([*decoded, digits], dim=1)  # (digits, columns, C, H, W)

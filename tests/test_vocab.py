@@ -83,6 +83,28 @@ def test_tensor_file_subset_keeps_llm_ids(tmp_path):
         LLMVocabulary.load(str(tmp_path / "bad.pt"))
 
 
+def test_trained_tokenizer_directory_shares_its_rows(tmp_path):
+    from v2flow.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    source = tok.vocabulary
+    # as many rows as the subset holds: the same rows at the same indices, whatever the selection
+    for selection in ("fps", "first"):
+        vocab = LLMVocabulary.load(str(tmp_path / "tok"), num_entries=source.num_entries, selection=selection)
+        assert torch.equal(vocab.embeddings, source.embeddings) and torch.equal(vocab.token_ids, source.token_ids)
+        assert (vocab.llm_name, vocab.llm_vocab_size, vocab.token_strings) == (
+            source.llm_name,
+            source.llm_vocab_size,
+            source.token_strings,
+        )
+    fewer = LLMVocabulary.load(str(tmp_path / "tok"), num_entries=8)  # a subset of the subset, same LLM ids
+    assert set(fewer.token_ids.tolist()) < set(source.token_ids.tolist())
+    (tmp_path / "tok" / "vocab.json").unlink()
+    with pytest.raises(FileNotFoundError, match="without vocab.json"):
+        LLMVocabulary.load(str(tmp_path / "tok"))
+
+
 def test_farthest_point_is_deterministic_and_spread():
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(500, 16, generator=g)

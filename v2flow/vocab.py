@@ -9,6 +9,11 @@ Sources accepted by :meth:`LLMVocabulary.load`:
 * a tensor file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``): a single 2-D tensor (row i is token i), or a
   dict with an ``embeddings`` tensor and optionally ``token_ids`` (the LLM id of each row, when the table is
   itself a subset), ``vocab_size`` and, in ``.pt`` files, ``token_strings``.
+* a trained tokenizer directory (``save_pretrained`` / ``v2flow export``): its vocabulary rows and their LLM
+  ids, so a new tokenizer can share the subset of an existing one without the LLM's files at hand.
+
+Asking for as many rows as a subset table holds keeps them in their order: a tokenizer trained on another
+tokenizer's 4,096 rows then has the same rows at the same indices.
 
 Tables read from GGUF files and model directories are converted once to safetensors in the cache directory
 ``$V2FLOW_CACHE`` (default ``~/.cache/v2flow``), together with the LLM's tokenizer, so later loads take well
@@ -139,7 +144,8 @@ class LLMVocabulary(nn.Module):
         """Load an LLM's embedding table (see the module docstring for sources) and keep `num_entries` rows.
 
         Args:
-            source: ``"smollm2"``, a GGUF file, a tensor file, a transformers model directory or hub id.
+            source: ``"smollm2"``, a GGUF file, a tensor file, a transformers model directory or hub id, or a
+                trained tokenizer directory (its rows).
             num_entries: size K of the subset; ``None`` keeps every ordinary (non-special) token.
             selection: ``"fps"`` or ``"first"`` (see the module docstring).
         """
@@ -149,8 +155,8 @@ class LLMVocabulary(nn.Module):
         special = set(table.special_ids)
         usable = min(table.embeddings.shape[0], table.num_tokens or table.embeddings.shape[0])
         ordinary = torch.tensor([i for i in range(usable) if i not in special], dtype=torch.long)
-        if num_entries is None:
-            chosen = ordinary
+        if num_entries is None or num_entries == ordinary.numel():
+            chosen = ordinary  # every row: nothing to select, the table's order is kept
         else:
             if not 1 <= num_entries <= ordinary.numel():
                 raise ValueError(
@@ -197,6 +203,8 @@ def _load_table(source: str) -> _Table:
     if path.is_file() and path.suffix in TENSOR_SUFFIXES:
         return _read_tensor_file(path)
     if path.is_dir():
+        if _is_tokenizer_dir(path):
+            return _read_tokenizer_dir(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is a directory without config.json; it is not a transformers model")
         key = _fingerprint(path / "config.json")
@@ -312,6 +320,42 @@ def _read_tensor_file(path: Path) -> _Table:
         raise ValueError(f"{path}: {len(strings)} token_strings for {embeddings.shape[0]} rows")
     vocab_size = int(data.get("vocab_size", int(ids.max()) + 1))
     return _Table(embeddings, [], path.stem, None, token_ids=ids, token_strings=strings, vocab_size=vocab_size)
+
+
+def _is_tokenizer_dir(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") == "V2FlowTokenizer"
+
+
+def _read_tokenizer_dir(path: Path) -> _Table:
+    """The vocabulary rows of a trained tokenizer directory, read without building the tokenizer."""
+    from safetensors import safe_open
+
+    from .tokenizer import VOCAB_NAME, WEIGHTS_NAME
+
+    for name in (WEIGHTS_NAME, VOCAB_NAME):
+        if not (path / name).exists():
+            raise FileNotFoundError(
+                f"{path} is a tokenizer directory without {name}; re-export it with `v2flow export`"
+            )
+    vocab = json.loads((path / VOCAB_NAME).read_text())
+    keys = ("resampler.vocabulary.embeddings", "resampler.vocabulary.token_ids")
+    with safe_open(path / WEIGHTS_NAME, framework="pt") as f:
+        if not set(keys) <= set(f.keys()):
+            raise ValueError(f"{path / WEIGHTS_NAME} holds no vocabulary rows ({keys[0]}); is it a v2flow tokenizer?")
+        embeddings, ids = (f.get_tensor(k) for k in keys)
+    return _Table(
+        embeddings.float(),
+        [],
+        vocab["llm_name"],
+        None,
+        token_ids=ids.long(),
+        token_strings=vocab.get("token_strings"),
+        vocab_size=int(vocab["llm_vocab_size"]),
+    )
 
 
 def _select(table: _Table, ordinary: torch.Tensor, k: int, selection: str) -> torch.Tensor:

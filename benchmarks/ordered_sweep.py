@@ -1,0 +1,179 @@
+"""Which ordered-mode settings buy the most? Train variants of ``configs/mnist_ordered.yaml`` side by side on one
+device and score their prefixes against the shipped unordered tokenizer.
+
+    python benchmarks/ordered_sweep.py --accelerator gpu --parallel 6 --time-limit 440 \
+        --vocab-source checkpoints/mnist-smollm2-32 --json benchmarks/results/ordered_sweep.json
+
+Each variant is ``NAME=STAGES:TRUNCATION_PROB:PREFIX_SAMPLING`` (e.g. ``B=8,4,2,1,1:0.5:uniform``) and overrides
+``order_stages``, ``truncation_prob`` and ``prefix_sampling`` of the config; everything else (sizes, batch,
+steps) is the config's, so variants differ only there. ``--parallel`` runs go through the project's Lightning
+CLI at once (``v2flow fit`` subprocesses; small models leave a GPU mostly idle, so several share it). A run
+stopped by ``--time-limit`` seconds is scored at the step it reached, which the table states: compare variants
+at equal steps only. ``--vocab-source checkpoints/mnist-smollm2-32`` takes the 4,096 SmolLM2 rows from the
+shipped tokenizer (the same rows, in the same order, as ``smollm2`` with fps selection) on machines without
+the bundled LLM.
+
+Scored: PSNR on the first ``--limit`` MNIST test digits of ``decode(ids[:, :k])`` for k in 1, 2, 4, ..., N, at
+the decode the checkpoints ship with (2 Euler steps from the noise mean), the EMA weights of each run's
+``last.ckpt``; the unordered reference decodes with its tail masked, as in ``benchmarks/prefix.py``. Prints
+JSON and a markdown table with the issue's two margins, ordered minus unordered at k = N/4 and k = N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+from benchmarks.prefix import prefix_quality
+from benchmarks.report import device_name, merge_json
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VARIANTS = (
+    "A=4,3,2,1,0.5:0.5:uniform",
+    "B=8,4,2,1,1:0.5:uniform",
+    "C=4,3,2,1,0.5:0.5:pow2",
+    "D=8,4,2,1,1:0.5:pow2",
+    "E=2,2,2,1,1:0.5:pow2",
+    "F=8,4,2,1,1:0.3:pow2",
+)
+DECODE = {"num_steps": 2, "temperature": 0.0}
+
+
+def parse_variant(spec: str) -> tuple[str, list[float], float, str]:
+    """``NAME=STAGES:TRUNCATION_PROB:PREFIX_SAMPLING`` -> (name, stages, truncation_prob, prefix_sampling)."""
+    from v2flow.ordering import PREFIX_SAMPLING
+
+    name, _, rest = spec.partition("=")
+    parts = rest.split(":")
+    if not name.isidentifier() or len(parts) != 3:
+        raise ValueError(f"variant {spec!r} is not NAME=STAGES:TRUNCATION_PROB:SAMPLING, e.g. B=8,4,2,1,1:0.5:uniform")
+    try:
+        stages, prob = [float(s) for s in parts[0].split(",")], float(parts[1])
+    except ValueError as err:
+        raise ValueError(f"variant {spec!r}: stages and truncation probability must be numbers ({err})") from None
+    if parts[2] not in PREFIX_SAMPLING:
+        raise ValueError(f"variant {spec!r}: prefix sampling must be one of {PREFIX_SAMPLING}")
+    return name, stages, prob, parts[2]
+
+
+def fit_command(variant: tuple, a: argparse.Namespace) -> list[str]:
+    name, stages, prob, sampling = variant
+    init = "--model.tokenizer.init_args."
+    return [
+        *(sys.executable, "-m", "v2flow.cli", "fit", "--config", str(a.config)),
+        *("--trainer.accelerator", a.accelerator, "--trainer.enable_progress_bar", "false"),
+        *("--trainer.logger.init_args.save_dir", str(a.runs_dir), "--trainer.logger.init_args.name", name),
+        *(f"{init}order_stages", json.dumps(stages), f"{init}truncation_prob", str(prob)),
+        *(f"{init}prefix_sampling", sampling, f"{init}vocab_source", a.vocab_source),
+        *(["--trainer.max_steps", str(a.max_steps)] if a.max_steps else []),
+    ]
+
+
+def train(variants: list[tuple], a: argparse.Namespace) -> None:
+    """Run the fits, at most `a.parallel` at a time, each stopped after `a.time_limit` seconds."""
+    pending, running = list(variants), []
+    while pending or running:
+        while pending and len(running) < a.parallel:
+            v = pending.pop(0)
+            log = open(a.runs_dir / f"{v[0]}.log", "w")  # closed when the run ends
+            running.append(
+                (subprocess.Popen(fit_command(v, a), stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            )
+        time.sleep(2)
+        for proc, log, start in list(running):
+            if proc.poll() is None and a.time_limit and time.time() - start > a.time_limit:
+                proc.terminate()  # the last checkpoint stays: it is scored at the step it reached
+                proc.wait()
+            if proc.poll() is not None:
+                log.close()
+                running.remove((proc, log, start))
+
+
+def score(tok, images: torch.Tensor, batch_size: int) -> dict[int, float]:
+    from v2flow.lm_training import encode_images
+
+    n = tok.config["num_tokens"]
+    ids = encode_images(tok, images, batch_size)
+    ks = [2**i for i in range(n.bit_length()) if 2**i < n] + [n]
+    return {k: round(prefix_quality(tok, images, ids, k, batch_size, **DECODE)["psnr"], 3) for k in ks}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "mnist_ordered.yaml")
+    p.add_argument("--unordered", default=str(ROOT / "checkpoints" / "mnist-smollm2-32"))
+    p.add_argument("--vocab-source", default="smollm2")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--max-steps", type=int, default=0, help="0 = the config's")
+    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--time-limit", type=float, default=0, help="seconds per run (0 = none)")
+    p.add_argument("--limit", type=int, default=2000, help="first n MNIST test digits")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/ordered_sweep"))
+    p.add_argument("--skip-training", action="store_true", help="score the runs already in --runs-dir")
+    p.add_argument("--json", type=Path, help="merge the results into this JSON file under 'ordered_sweep'")
+    a = p.parse_args()
+    variants = [parse_variant(s) for s in a.variants]
+    a.runs_dir.mkdir(parents=True, exist_ok=True)
+    if not a.skip_training:
+        train(variants, a)
+
+    from v2flow import V2FlowTokenizer
+    from v2flow.data import load_mnist
+    from v2flow.training import tokenizer_from_checkpoint
+
+    device = "cuda" if a.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+    images = load_mnist("test")[0][: a.limit]
+    ref = score(V2FlowTokenizer.from_pretrained(a.unordered).to(device), images, a.batch_size)
+    n = max(ref)
+    results = {"unordered": {"checkpoint": a.unordered, "psnr": ref}}
+    for name, stages, prob, sampling in variants:
+        ckpts = sorted((a.runs_dir / name).glob("version_*/checkpoints/last.ckpt"))
+        if not ckpts:
+            print(f"{name}: no checkpoint in {a.runs_dir / name} (see {a.runs_dir / name}.log)", file=sys.stderr)
+            continue
+        step = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["global_step"]
+        psnr = score(tokenizer_from_checkpoint(ckpts[-1], weights="ema").to(device), images, a.batch_size)
+        ks = sorted(psnr)
+        results[name] = {
+            "order_stages": stages,
+            "truncation_prob": prob,
+            "prefix_sampling": sampling,
+            "step": step,
+            "psnr": psnr,
+            "non_decreasing": all(psnr[j] >= psnr[i] for i, j in zip(ks[:-1], ks[1:], strict=True)),
+            "margin_quarter_db": round(psnr[n // 4] - ref[n // 4], 3),
+            "margin_full_db": round(psnr[n] - ref[n], 3),
+        }
+    summary = {"device": device_name(device), "test_images": len(images), "decode": DECODE, "results": results}
+    print(json.dumps(summary))
+    ks = sorted(ref)
+    print(
+        "\n| run | stages | trunc. | lengths | step | "
+        + " | ".join(f"k={k}" for k in ks)
+        + " | k=N/4 margin | k=N margin |"
+    )
+    print("|---|---|---|---|---|" + "---|" * (len(ks) + 2))
+    print("| unordered | | | | | " + " | ".join(f"{ref[k]:.2f}" for k in ks) + " | | |")
+    for name, r in results.items():
+        if name != "unordered":
+            stages = ", ".join(f"{s:g}" for s in r["order_stages"])
+            cells = " | ".join(f"{r['psnr'][k]:.2f}" for k in ks)
+            print(
+                f"| {name} | {stages} | {r['truncation_prob']:g} | {r['prefix_sampling']} | {r['step']} | {cells} "
+                f"| {r['margin_quarter_db']:+.2f} | {r['margin_full_db']:+.2f} |"
+            )
+    if a.json:
+        merge_json(a.json, "ordered_sweep", summary)
+
+
+if __name__ == "__main__":
+    main()

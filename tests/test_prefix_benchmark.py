@@ -1,0 +1,52 @@
+"""benchmarks/prefix.py: its measures on tiny inputs (the benchmark itself runs on the shipped checkpoints)."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import prefix
+from v2flow.testing import tiny_tokenizer
+
+
+def test_position_entropy_counts_bits_per_position():
+    indices = torch.tensor([[0, 0], [0, 1], [0, 2], [0, 3]])  # (n=4, N=2)
+    assert prefix.position_entropy(indices, num_codes=4) == pytest.approx([0.0, 2.0])
+
+
+def test_prefix_quality_is_reproducible_and_in_range():
+    tok = tiny_tokenizer(token_order="ordered", truncation_prob=0.5)
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ids = tok.encode(images).ids
+    first = prefix.prefix_quality(tok, images, ids, k=2, batch_size=4)
+    again = prefix.prefix_quality(tok, images, ids, k=2, batch_size=4)
+    assert first == again  # the decode noise is seeded per batch
+    assert math.isfinite(first["psnr"]) and -1.0 <= first["ssim"] <= 1.0
+
+
+def test_next_token_entropy_gives_one_finite_value_per_position():
+    train = torch.randint(0, 5, (64, 3), generator=torch.Generator().manual_seed(0))
+    test = torch.randint(0, 5, (16, 3), generator=torch.Generator().manual_seed(1))
+    bits = prefix.next_token_entropy(train, test, num_codes=5, steps=2, seed=0)
+    assert len(bits) == 3 and all(math.isfinite(b) and b > 0 for b in bits)
+
+
+def test_sweep_variants_parse_and_override_only_the_ordering_keys():
+    from benchmarks import ordered_sweep
+
+    name, stages, prob, sampling = ordered_sweep.parse_variant("B=8,4,2,1,1:0.5:uniform")
+    assert (name, stages, prob, sampling) == ("B", [8.0, 4.0, 2.0, 1.0, 1.0], 0.5, "uniform")
+    for bad, message in [
+        ("B=8,4,2:0.5", "NAME=STAGES"),
+        ("B=8,x:0.5:uniform", "must be numbers"),
+        ("B=8,4:0.5:random", "prefix sampling"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ordered_sweep.parse_variant(bad)
+    args = ordered_sweep.argparse.Namespace(
+        config="configs/mnist_ordered.yaml", accelerator="cpu", runs_dir="runs/x", vocab_source="smollm2", max_steps=0
+    )
+    command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D=8,4,2,1,1:0.3:pow2"), args)
+    overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[6::2], command[7::2], strict=False)}
+    assert overrides["order_stages"] == "[8.0, 4.0, 2.0, 1.0, 1.0]" and overrides["truncation_prob"] == "0.3"
+    assert overrides["prefix_sampling"] == "pow2" and "--trainer.max_steps" not in command
