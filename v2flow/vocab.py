@@ -12,8 +12,8 @@ Sources accepted by :meth:`LLMVocabulary.load`:
 * a trained tokenizer directory (``save_pretrained`` / ``v2flow export``): its vocabulary rows and their LLM
   ids, so a new tokenizer can share the subset of an existing one without the LLM's files at hand.
 
-Asking for as many rows as a subset table holds keeps them in their order: a tokenizer trained on another
-tokenizer's 4,096 rows then has the same rows at the same indices.
+Asking for every ordinary row (``num_entries`` equal to their count) selects nothing and keeps the table's
+order: a tokenizer trained on another tokenizer's 4,096 rows has the same rows at the same indices.
 
 Tables read from GGUF files and model directories are converted once to safetensors in the cache directory
 ``$V2FLOW_CACHE`` (default ``~/.cache/v2flow``), together with the LLM's tokenizer, so later loads take well
