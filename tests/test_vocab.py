@@ -105,6 +105,14 @@ def test_trained_tokenizer_directory_shares_its_rows(tmp_path):
         LLMVocabulary.load(str(tmp_path / "tok"))
 
 
+def test_shipped_tokenizer_holds_the_bundled_fps_rows():
+    """`vocab_source: checkpoints/mnist-smollm2-32` trains on exactly the rows `smollm2` with fps would give."""
+    bundled = LLMVocabulary.load("smollm2", num_entries=4096, selection="fps")
+    shipped = LLMVocabulary.load("checkpoints/mnist-smollm2-32", num_entries=4096, selection="fps")
+    assert torch.equal(shipped.embeddings, bundled.embeddings) and torch.equal(shipped.token_ids, bundled.token_ids)
+    assert (shipped.llm_name, shipped.llm_vocab_size) == (bundled.llm_name, bundled.llm_vocab_size)
+
+
 def test_farthest_point_is_deterministic_and_spread():
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(500, 16, generator=g)
