@@ -7,6 +7,9 @@ unordered tokenizer with its tail masked the same way, ``allow_truncation=True``
 against the exact 32x32 inputs. It also reports, per token position, the entropy of the token distribution
 over the test set and the next-token entropy (cross-entropy, bits) of a small causal transformer trained on
 the training set's token sequences: Selftok finds ordered tokens get easier to predict along the sequence.
+Last, per noise level t, the PSNR of the velocity head's one-step data estimate from truly noised digits with
+the tokens visible at t and with no tokens (``denoising_gain``): it shows where along the trajectory tokens
+can still steer the decode, which bounds what the late tokens of an ordered tokenizer can add.
 
 Prints JSON and a markdown table; writes ``prefix_grid.png`` (per digit: an ordered row above an unordered
 row, one column per k, the original last) and ``prefix_psnr.png`` into ``--out``.
@@ -27,6 +30,7 @@ from tqdm import tqdm
 
 from v2flow import V2FlowTokenizer
 from v2flow.data import load_mnist
+from v2flow.layers import unpatchify
 from v2flow.lm_training import encode_images
 from v2flow.metrics import psnr_per_image
 from v2flow.utils import save_image_grid
@@ -47,6 +51,64 @@ def prefix_quality(
         psnr_sum += float(psnr_per_image(y, x).sum())
         ssim.update(y, x)
     return {"psnr": psnr_sum / len(images), "ssim": float(ssim.compute())}
+
+
+DENOISE_TIMES = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+@torch.no_grad()
+def denoising_gain(
+    tok: V2FlowTokenizer,
+    images: torch.Tensor,
+    ids: torch.Tensor,
+    times=DENOISE_TIMES,
+    batch_size: int = 500,
+    seed: int = 0,
+) -> dict:
+    """Where along the trajectory the tokens can still steer the decoder.
+
+    For each noise level t it noises the images' patches, ``x_t = (1 - t) x0 + t eps``, and scores the one-step
+    data estimate ``x0_hat = x_t - t v(x_t, t)`` of the velocity head (all patches masked, as in a one-iteration
+    decode): PSNR with the tokens the decoder may see at t (ordered mode: the prefix ``k(t)``), and with the
+    null condition (no tokens). Their difference is the most the visible tokens add at that level; a token
+    that enters where it is small carries little a decode can use.
+
+    Returns:
+        ``{"times": [...], "psnr_tokens": [...], "psnr_null": [...], "visible_tokens": [...]}``.
+    """
+    device = tok.vocabulary.embeddings.device
+    out = {"times": list(times), "psnr_tokens": [], "psnr_null": [], "visible_tokens": []}
+    size, patch = tok.first_stage.latent_size, tok.config["patch_size"]
+    was_training = tok.training
+    tok.eval()
+    try:
+        for t in times:
+            sums = {"tokens": 0.0, "null": 0.0}
+            for i in range(0, len(images), batch_size):
+                x = images[i : i + batch_size].to(device)
+                embeddings = tok.resampler.embed(tok._ids_to_indices(ids[i : i + batch_size].to(device)))
+                patches = tok._patches(x)  # (B, L, P)
+                b, length, _ = patches.shape
+                mask = torch.ones(b, length, dtype=torch.bool, device=device)
+                g = torch.Generator(device=device).manual_seed(seed + i)
+                xt = (1 - t) * patches + t * torch.randn(patches.shape, generator=g, device=device)
+                tt = torch.full((b,), t, device=device)
+                visible = None if tok.schedule is None else tok.schedule.visibility(tt).to(device)
+                for name, drop in (("tokens", None), ("null", torch.ones(b, dtype=torch.bool, device=device))):
+                    cond = tok.decoder(
+                        embeddings, patches, mask, drop, token_mask=None if drop is not None else visible
+                    )
+                    v = tok.head(xt.flatten(0, 1), tt.repeat_interleave(length), cond.flatten(0, 1))
+                    x0 = (xt - t * v.view_as(xt)).float()
+                    y = tok.first_stage.decode(unpatchify(x0, patch, size, size)).clamp(-1, 1)
+                    sums[name] += float(psnr_per_image(y, x).sum())
+            out["psnr_tokens"].append(sums["tokens"] / len(images))
+            out["psnr_null"].append(sums["null"] / len(images))
+            k = tok.config["num_tokens"] if tok.schedule is None else int(tok.schedule.num_visible(torch.tensor([t])))
+            out["visible_tokens"].append(k)
+    finally:
+        tok.train(was_training)
+    return out
 
 
 def position_entropy(indices: torch.Tensor, num_codes: int) -> list[float]:
@@ -135,6 +197,7 @@ def main() -> None:
             "num_tokens": n,
             "psnr": {k: q["psnr"] for k, q in quality.items()},
             "ssim": {k: q["ssim"] for k, q in quality.items()},
+            "denoising": denoising_gain(tok, test, ids, batch_size=a.batch_size, seed=a.seed),
             "position_entropy_bits": position_entropy(indices, num_codes),
             "next_token_entropy_bits": next_token_entropy(
                 train_indices, indices, num_codes, a.ar_steps, a.seed, a.device
@@ -167,6 +230,15 @@ def main() -> None:
     print("\n| mode | " + " | ".join(f"k={k}" for k in ks) + " |\n|---|" + "---|" * len(ks))
     for mode in ("ordered", "unordered"):
         print(f"| {mode} PSNR (dB) | " + " | ".join(f"{results[mode]['psnr'][k]:.2f}" for k in ks) + " |")
+    times = results["ordered"]["denoising"]["times"]
+    print("\n| one-step x0 estimate, PSNR (dB) | " + " | ".join(f"t={t}" for t in times) + " |")
+    print("|---|" + "---|" * len(times))
+    for mode in ("ordered", "unordered"):
+        d = results[mode]["denoising"]
+        cells = [f"{a_:.2f} ({k})" for a_, k in zip(d["psnr_tokens"], d["visible_tokens"], strict=True)]
+        print(f"| {mode}, visible tokens (their count) | " + " | ".join(cells) + " |")
+    d = results["unordered"]["denoising"]
+    print("| no tokens (null condition, unordered) | " + " | ".join(f"{v:.2f}" for v in d["psnr_null"]) + " |")
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -175,8 +247,10 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for mode, r in results.items():
+        d = r["denoising"]
+        axes[2].plot(d["times"], d["psnr_tokens"], marker="o", label=f"{mode}: visible tokens")
         ks = sorted(r["psnr"])
         axes[0].plot(ks, [r["psnr"][k] for k in ks], marker="o", label=mode)
         axes[1].plot(r["next_token_entropy_bits"], label=f"{mode}: next-token")
@@ -186,6 +260,11 @@ def _plot(results: dict, path: Path) -> None:
     axes[0].set_ylabel("PSNR (dB)")
     axes[1].set_xlabel("token position")
     axes[1].set_ylabel("entropy (bits)")
+    d = results["unordered"]["denoising"]
+    axes[2].plot(d["times"], d["psnr_null"], linestyle=":", color="gray", label="no tokens")
+    axes[2].invert_xaxis()
+    axes[2].set_xlabel("noise level t (1 = noise)")
+    axes[2].set_ylabel("one-step x0 estimate, PSNR (dB)")
     for ax in axes:
         ax.legend()
     fig.tight_layout()

@@ -50,3 +50,25 @@ def test_sweep_variants_parse_and_override_only_the_ordering_keys():
     overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[6::2], command[7::2], strict=False)}
     assert overrides["order_stages"] == "[8.0, 4.0, 2.0, 1.0, 1.0]" and overrides["truncation_prob"] == "0.3"
     assert overrides["prefix_sampling"] == "pow2" and "--trainer.max_steps" not in command
+
+
+def test_denoising_gain_scores_each_noise_level_and_hides_late_tokens():
+    tok = tiny_tokenizer(token_order="ordered", truncation_prob=0.5)
+    images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ids = tok.encode(images).ids
+    times = (0.9, 0.5, 0.1)
+    out = prefix.denoising_gain(tok, images, ids, times=times, batch_size=3)
+    assert out["times"] == list(times)
+    assert all(len(out[key]) == 3 for key in ("psnr_tokens", "psnr_null", "visible_tokens"))
+    assert all(math.isfinite(v) for v in out["psnr_tokens"] + out["psnr_null"])
+    assert out["visible_tokens"] == sorted(out["visible_tokens"])  # more tokens in play as t falls
+    assert out == prefix.denoising_gain(tok, images, ids, times=times, batch_size=3)  # seeded noise
+    # a token hidden at t changes nothing: replace the tokens that enter below t = 0.9, same estimate at 0.9
+    k = out["visible_tokens"][0]
+    assert k < ids.shape[1]
+    other = ids.clone()
+    other[:, k:] = ids[:, k:].roll(1, dims=0)
+    assert not torch.equal(other, ids)
+    assert (
+        prefix.denoising_gain(tok, images, other, times=(0.9,), batch_size=3)["psnr_tokens"] == out["psnr_tokens"][:1]
+    )
