@@ -31,6 +31,26 @@ def test_ema_refuses_strategies_that_shard_the_weights():
     assert ema._average_model is not None
 
 
+def test_ema_refuses_deepspeed_zero3_only():
+    """DeepSpeed is not installed here, so the strategy is built without its constructor (which imports it);
+    the refusal reads only the strategy's config."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    module = V2FlowModule(make_tokenizer())
+    for stage, sharded in ((3, True), (2, False), (1, False)):
+        strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+        strategy.config = {"zero_optimization": {"stage": stage}}
+        ema = EMA()
+        if sharded:
+            with pytest.raises(ValueError, match=r"does not support DeepSpeedStrategy.*strategy=ddp"):
+                ema.setup(SimpleNamespace(strategy=strategy), module, "fit")
+        else:
+            ema.setup(SimpleNamespace(strategy=strategy), module, "fit")
+            assert ema._average_model is not None
+
+
 def test_temperature_anneal_is_geometric_and_saved(tmp_path):
     tok = make_tokenizer(estimator="softmax", temperature=0.5)
     module = V2FlowModule(tok, temperature_end=0.05, temperature_anneal_steps=10)
