@@ -77,38 +77,35 @@ def denoising_gain(
         ``{"times": [...], "psnr_tokens": [...], "psnr_null": [...], "visible_tokens": [...]}``.
     """
     device = tok.vocabulary.embeddings.device
-    out = {"times": list(times), "psnr_tokens": [], "psnr_null": [], "visible_tokens": []}
     size, patch = tok.first_stage.latent_size, tok.config["patch_size"]
+    sums = torch.zeros(2, len(times), dtype=torch.float64)  # (with tokens | null, times)
     was_training = tok.training
     tok.eval()
     try:
-        for t in times:
-            sums = {"tokens": 0.0, "null": 0.0}
-            for i in range(0, len(images), batch_size):
-                x = images[i : i + batch_size].to(device)
-                embeddings = tok.resampler.embed(tok._ids_to_indices(ids[i : i + batch_size].to(device)))
-                patches = tok._patches(x)  # (B, L, P)
-                b, length, _ = patches.shape
-                mask = torch.ones(b, length, dtype=torch.bool, device=device)
-                g = torch.Generator(device=device).manual_seed(seed + i)
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(device)
+            embeddings = tok.resampler.embed(tok._ids_to_indices(ids[i : i + batch_size].to(device)))
+            patches = tok._patches(x)  # (B, L, P)
+            b, length, _ = patches.shape
+            mask = torch.ones(b, length, dtype=torch.bool, device=device)
+            null_cond = tok.decoder(embeddings, patches, mask, torch.ones(b, dtype=torch.bool, device=device))
+            for j, t in enumerate(times):
+                g = torch.Generator(device=device).manual_seed(seed + i)  # the same noise at every level
                 xt = (1 - t) * patches + t * torch.randn(patches.shape, generator=g, device=device)
                 tt = torch.full((b,), t, device=device)
                 visible = None if tok.schedule is None else tok.schedule.visibility(tt).to(device)
-                for name, drop in (("tokens", None), ("null", torch.ones(b, dtype=torch.bool, device=device))):
-                    cond = tok.decoder(
-                        embeddings, patches, mask, drop, token_mask=None if drop is not None else visible
-                    )
-                    v = tok.head(xt.flatten(0, 1), tt.repeat_interleave(length), cond.flatten(0, 1))
+                cond = tok.decoder(embeddings, patches, mask, token_mask=visible)
+                for row, c in enumerate((cond, null_cond)):
+                    v = tok.head(xt.flatten(0, 1), tt.repeat_interleave(length), c.flatten(0, 1))
                     x0 = (xt - t * v.view_as(xt)).float()
                     y = tok.first_stage.decode(unpatchify(x0, patch, size, size)).clamp(-1, 1)
-                    sums[name] += float(psnr_per_image(y, x).sum())
-            out["psnr_tokens"].append(sums["tokens"] / len(images))
-            out["psnr_null"].append(sums["null"] / len(images))
-            k = tok.config["num_tokens"] if tok.schedule is None else int(tok.schedule.num_visible(torch.tensor([t])))
-            out["visible_tokens"].append(k)
+                    sums[row, j] += float(psnr_per_image(y, x).sum())
     finally:
         tok.train(was_training)
-    return out
+    n = tok.config["num_tokens"]
+    visible_tokens = [n if tok.schedule is None else int(tok.schedule.num_visible(torch.tensor([t]))) for t in times]
+    means = (sums / len(images)).tolist()
+    return {"times": list(times), "psnr_tokens": means[0], "psnr_null": means[1], "visible_tokens": visible_tokens}
 
 
 def position_entropy(indices: torch.Tensor, num_codes: int) -> list[float]:
