@@ -89,12 +89,14 @@ def denoising_gain(
             b, length, _ = patches.shape
             mask = torch.ones(b, length, dtype=torch.bool, device=device)
             null_cond = tok.decoder(embeddings, patches, mask, torch.ones(b, dtype=torch.bool, device=device))
+            # unordered: every token is visible at every level, so one condition serves them all
+            full_cond = tok.decoder(embeddings, patches, mask) if tok.schedule is None else None
             for j, t in enumerate(times):
                 g = torch.Generator(device=device).manual_seed(seed + i)  # the same noise at every level
                 xt = (1 - t) * patches + t * torch.randn(patches.shape, generator=g, device=device)
                 tt = torch.full((b,), t, device=device)
                 visible = None if tok.schedule is None else tok.schedule.visibility(tt).to(device)
-                cond = tok.decoder(embeddings, patches, mask, token_mask=visible)
+                cond = full_cond if visible is None else tok.decoder(embeddings, patches, mask, token_mask=visible)
                 for row, c in enumerate((cond, null_cond)):
                     v = tok.head(xt.flatten(0, 1), tt.repeat_interleave(length), c.flatten(0, 1))
                     x0 = (xt - t * v.view_as(xt)).float()
