@@ -36,6 +36,25 @@ def test_selftok_default_stage_boundaries():
     assert schedule.num_visible(boundaries.double()).tolist() == [1, 17, 65, 137, 321, 512]
 
 
+@pytest.mark.parametrize("stages", [(16, 48, 72, 184, 192), (24, 4, 2, 1, 1), (1,)])
+def test_visibility_interval_is_where_the_visible_prefix_stays_the_same(stages):
+    schedule = OrderSchedule(32, stages)
+    t = torch.rand(5000, generator=torch.Generator().manual_seed(0))
+    lo, hi = schedule.visibility_interval(t)
+    assert bool((lo <= t).all() and (t <= hi).all() and (lo < hi).all())
+    k = schedule.num_visible(t)
+    for frac in (0.01, 0.5, 0.99):  # anywhere inside the stretch: the same prefix
+        assert torch.equal(schedule.num_visible(lo + frac * (hi - lo)), k)
+    # the ends are the entry levels of the last visible token and the first hidden one (up to the slack of
+    # num_visible, 1e-4 token)
+    times = schedule.token_times()
+    assert torch.allclose(hi, torch.where(k > 1, times[(k - 1).clamp(max=31)], torch.ones(())), atol=1e-4)
+    assert torch.allclose(lo, torch.where(k < 32, times[k.clamp(max=31)], torch.zeros(())), atol=1e-4)
+    # stretches tile [0, 1]: one stretch per prefix length
+    ends = schedule.visibility_interval(times)
+    assert torch.equal(ends[0][:-1], ends[1][1:]) and ends[1][0] == 1.0 and ends[0][-1] == 0.0
+
+
 def test_visibility_mask_is_a_prefix():
     mask = OrderSchedule(8, (1, 1)).visibility(torch.tensor([1.0, 0.5, 0.25, 0.0]))
     assert mask.tolist() == [[i < k for i in range(8)] for k in (1, 5, 7, 8)]
@@ -139,6 +158,35 @@ def test_ordered_training_loss_backpropagates():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert tok.decoder.truncation_token.grad is not None  # nested truncation reached the truncation token
+
+
+def test_interval_times_stay_where_the_condition_holds_and_keep_the_time_distribution():
+    from v2flow.velocity import sample_time
+
+    tok = ordered_tokenizer(interval_times=True, batch_mul=3, order_stages=[3, 1])
+    g = torch.Generator().manual_seed(0)
+    t, visible = tok._ordered_times(20000, "cpu", g)  # one level per sample, (B,)
+    mask = torch.rand(20000, 4, generator=g) < 0.7  # (B, L) masked patches
+    times = tok._patch_times(t, mask, g)  # (3 * M,), draw-major
+    m = int(mask.sum())
+    assert times.shape == (3 * m,)
+    per_draw_visible = visible.repeat_interleave(mask.sum(1), dim=0).repeat(3, 1)  # (3 * M, N)
+    assert torch.equal(tok.schedule.visibility(times), per_draw_visible)  # the condition holds at every draw
+    assert times.unique().numel() > 0.99 * times.numel()  # not the sample's one level
+    u = torch.linspace(0.05, 0.95, 19)
+    reference = sample_time(times.numel(), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(times.quantile(u), reference.quantile(u), atol=0.01)  # the same time distribution
+    # off: each patch at its sample's level
+    assert torch.equal(ordered_tokenizer()._patch_times(t, mask, g), t[:, None].expand(mask.shape)[mask])
+    with pytest.raises(ValueError, match="interval_times applies to token_order='ordered' only"):
+        ordered_tokenizer(token_order="unordered", order_stages=None, interval_times=True)
+
+
+def test_interval_times_training_loss_backpropagates():
+    tok = ordered_tokenizer(interval_times=True).train()
+    out = tok.loss(tiny_images(4), generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and tok.head.output.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("truncation_prob", [0.0, 0.5])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from v2flow.sampling import masked_flow_sample, reveal_counts, solve_ode, time_grid
-from v2flow.velocity import VelocityHead, flow_matching_loss, sample_time, shift_time
+from v2flow.velocity import VelocityHead, flow_matching_loss, sample_time, shift_time, time_cdf, time_quantile
 
 A = 0.7  # dx/dt = A * x  =>  x(0) = x(1) * exp(-A)
 
@@ -115,3 +115,33 @@ def test_sample_time_range(method):
     assert t.min() > 0 and t.max() < 1
     with pytest.raises(ValueError, match="unknown time sampling"):
         sample_time(3, method="beta")
+
+
+@pytest.mark.parametrize("method", ["uniform", "logit_normal"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_time_quantile_inverts_the_cdf_of_sample_time(method, shift):
+    dist = {"method": method, "mean": 0.3, "std": 0.8, "shift": shift}
+    u = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    assert torch.allclose(time_cdf(time_quantile(u, **dist), **dist), u, atol=1e-10)
+    # the quantiles of sample_time's draws are where the CDF says (Kolmogorov-Smirnov distance ~ 1/sqrt(n))
+    t = sample_time(40000, **dist, generator=torch.Generator().manual_seed(0)).double()
+    empirical = (t[None, :] <= time_quantile(u, **dist)[:, None]).double().mean(1)
+    assert (empirical - u).abs().max() < 0.01
+    assert time_cdf(torch.tensor([0.0, 1.0], dtype=torch.float64), **dist).tolist() == [0.0, 1.0]
+
+
+def test_flow_loss_takes_one_time_per_patch_or_per_draw():
+    head = VelocityHead(patch_dim=4, cond_dim=8, width=16, depth=1)
+    nn_init = torch.Generator().manual_seed(1)
+    for p in head.parameters():  # not the zero init, so the loss depends on t
+        p.data = torch.randn(p.shape, generator=nn_init) * 0.3
+    x, c = torch.randn(5, 4), torch.randn(5, 8)
+    t = torch.rand(5, generator=torch.Generator().manual_seed(2))
+
+    def loss(times):
+        return flow_matching_loss(head, x, c, batch_mul=3, t=times, generator=torch.Generator().manual_seed(0))
+
+    assert loss(t) == loss(t.repeat(3))  # (M,) is shared by the draws of a patch, laid out draw-major
+    assert loss(t) != loss(t.repeat_interleave(3))
+    with pytest.raises(ValueError, match=r"t must have shape \(M,\)"):
+        loss(t[:4])

@@ -23,6 +23,7 @@ import torch
 
 SELFTOK_STAGES = (16.0, 48.0, 72.0, 184.0, 192.0)
 PREFIX_SAMPLING = ("uniform", "pow2")
+_SLACK = 1e-4  # in tokens, see OrderSchedule.num_visible
 
 
 class OrderSchedule:
@@ -63,14 +64,31 @@ class OrderSchedule:
         """k(t): the length of the token prefix the decoder may see at noise level t (long, in [1, N])."""
         t = _check_times(t)
         fraction = _interp(1.0 - t.double(), self.knots_s, self.knots_f)
-        # slack of 1e-4 token: a float32 t at t_i (which rounding may put just above it) counts token i as visible
-        k = torch.floor(fraction * self.num_tokens + 1e-4).long() + 1
+        # slack of _SLACK token: a float32 t at t_i (which rounding may put just above it) counts token i as visible
+        k = torch.floor(fraction * self.num_tokens + _SLACK).long() + 1
         return k.clamp(1, self.num_tokens).to(t.device)
 
     def token_times(self) -> torch.Tensor:
         """(N,) float32: t_i, the noise level at which token i enters; t_0 = 1, decreasing in i."""
         fractions = torch.arange(self.num_tokens, dtype=torch.float64) / self.num_tokens
         return (1.0 - _interp(fractions, self.knots_f, self.knots_s)).float()
+
+    def visibility_interval(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stretch (lo, hi] of noise levels around each t (B,) over which the visible prefix stays that of t.
+
+        Returns:
+            lo, hi: (B,) float32 with lo <= t <= hi; ``visibility`` is the same at every level in (lo, hi]
+            (up to float32 rounding at the ends).
+        """
+        k = self.num_visible(t).cpu()  # (B,), in [1, N]
+        hi = torch.where(k > 1, self._enter_level(k - 1), torch.ones_like(k, dtype=torch.float64))
+        lo = torch.where(k < self.num_tokens, self._enter_level(k), torch.zeros_like(k, dtype=torch.float64))
+        return lo.float().to(t.device), hi.float().to(t.device)
+
+    def _enter_level(self, j: torch.Tensor) -> torch.Tensor:
+        """float64: the highest noise level at which ``num_visible`` counts token j (>= 1) as visible."""
+        fraction = ((j.double() - _SLACK) / self.num_tokens).clamp(0.0, 1.0)
+        return 1.0 - _interp(fraction, self.knots_f, self.knots_s)
 
     def visibility(self, t: torch.Tensor) -> torch.Tensor:
         """(B, N) bool: which tokens the decoder may see at per-sample noise levels t (B,)."""

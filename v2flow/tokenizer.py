@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from einops import repeat
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,7 +32,7 @@ from .ordering import PREFIX_SAMPLING, SELFTOK_STAGES, OrderSchedule, sample_pre
 from .resampler import VocabularyResampler, perplexity
 from .sampling import SOLVERS, masked_flow_sample
 from .utils import replace_dir
-from .velocity import TIME_SAMPLING, VelocityHead, flow_matching_loss, sample_time
+from .velocity import TIME_SAMPLING, VelocityHead, flow_matching_loss, sample_time, time_cdf, time_quantile
 from .vocab import LLMVocabulary
 
 CONFIG_NAME = "config.json"
@@ -135,6 +136,11 @@ class V2FlowTokenizer(nn.Module):
         truncation_prob: probability that a training sample keeps only a random prefix of its tokens, the
             tail replaced by a learned truncation token (nested truncation: any prefix then decodes).
         prefix_sampling: ``"uniform"`` or ``"pow2"``: how the kept prefix length is drawn.
+        interval_times: ordered mode: every noise draw of every masked patch takes its own training time
+            inside the stretch of noise levels where its sample's visible tokens stay the same (from the
+            training time distribution restricted to that stretch), instead of the sample's one time. The
+            condition is valid at all of them, the times keep their distribution, and the flow loss sees
+            many noise levels per transformer pass instead of one per sample.
         sample_steps, sample_solver, sample_iters, sample_cfg, sample_shift, sample_temperature: default decode
             settings (see :meth:`decode`).
     """
@@ -188,6 +194,7 @@ class V2FlowTokenizer(nn.Module):
         order_stages: list[float] | None = None,
         truncation_prob: float = 0.0,
         prefix_sampling: str = "uniform",
+        interval_times: bool = False,
         sample_steps: int = 8,
         sample_solver: str = "euler",
         sample_iters: int = 1,
@@ -223,6 +230,8 @@ class V2FlowTokenizer(nn.Module):
             raise ValueError("order_stages applies to token_order='ordered' only")
         if not 0.0 <= truncation_prob <= 1.0:
             raise ValueError(f"truncation_prob must be in [0, 1], got {truncation_prob}")
+        if interval_times and token_order != "ordered":
+            raise ValueError("interval_times applies to token_order='ordered' only")
         if prefix_sampling not in PREFIX_SAMPLING:
             raise ValueError(f"unknown prefix_sampling {prefix_sampling!r}; choose one of {PREFIX_SAMPLING}")
         self.schedule = OrderSchedule(num_tokens, order_stages or SELFTOK_STAGES) if token_order == "ordered" else None
@@ -511,8 +520,7 @@ class V2FlowTokenizer(nn.Module):
             out.embeddings, patches, mask, drop if self.training else None, token_mask=visible, token_keep=keep
         )  # (B, L, D)
         x0, c = patches[mask], cond[mask]  # (M, P), (M, D)
-        t = None if t is None else t[:, None].expand(mask.shape)[mask]  # (M,): each patch at its sample's level
-        parts = {"flow": self._flow_loss(x0, c, generator, t)}
+        parts = {"flow": self._flow_loss(x0, c, generator, self._patch_times(t, mask, generator))}
         if self.patch_predictor is not None:
             keep = (mask & ~drop[:, None]) if self.training else mask  # (B, L)
             # a masked mean, not mse_loss on a selection: a batch whose every sample dropped its tokens gives 0, not NaN
@@ -536,6 +544,25 @@ class V2FlowTokenizer(nn.Module):
             generator=generator,
         )
         return t, self.schedule.visibility(t)
+
+    def _patch_times(
+        self, t: torch.Tensor | None, mask: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor | None:
+        """Ordered mode: the flow loss's times for the masked patches of samples at levels t (B,): (M,), each
+        patch at its sample's level, or with ``interval_times`` (batch_mul * M,), one per noise draw, drawn
+        inside the stretch where the sample's visible tokens stay the same. None in unordered mode."""
+        if t is None:
+            return None
+        cfg = self.config
+        if not cfg["interval_times"]:
+            return t[:, None].expand(mask.shape)[mask]  # (M,)
+        lo, hi = self.schedule.visibility_interval(t)  # (B,) each
+        lo, hi = (repeat(x[:, None].expand(mask.shape)[mask], "m -> (r m)", r=cfg["batch_mul"]) for x in (lo, hi))
+        dist = {"method": cfg["time_sampling"], "mean": cfg["time_mean"], "std": cfg["time_std"]}
+        dist["shift"] = cfg["time_shift"]
+        u_lo, u_hi = time_cdf(lo, **dist), time_cdf(hi, **dist)
+        u = u_lo + (u_hi - u_lo) * _rand(lo.shape, generator, lo.device)
+        return torch.minimum(torch.maximum(time_quantile(u, **dist), lo), hi)  # (batch_mul * M,)
 
     def _truncation(self, batch_size: int, device, generator: torch.Generator | None) -> torch.Tensor | None:
         """Nested truncation: (B, N) bool, a random prefix kept in a `truncation_prob` share of the samples."""
@@ -585,7 +612,7 @@ class V2FlowTokenizer(nn.Module):
                 generator = torch.Generator(device=device).manual_seed(seed)
                 t, visible = self._ordered_times(b, device, generator)
                 cond = self.decoder(self.resampler.embed(idx), patches, mask, token_mask=visible)
-                t = None if t is None else t[:, None].expand(mask.shape)[mask]
+                t = self._patch_times(t, mask, generator)
                 result[f"flow_loss_{name}"] = float(self._flow_loss(patches[mask], cond[mask], generator, t))
         finally:
             self.train(was_training)

@@ -22,6 +22,31 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def time_quantile(
+    u: torch.Tensor, *, method: str = "logit_normal", mean: float = 0.0, std: float = 1.0, shift: float = 1.0
+) -> torch.Tensor:
+    """The training time whose CDF is u (same shape, u in [0, 1]): the inverse of :func:`time_cdf`."""
+    if method == "uniform":
+        t = u
+    elif method == "logit_normal":
+        t = torch.sigmoid(mean + std * torch.special.ndtri(u))
+    else:
+        raise ValueError(f"unknown time sampling {method!r}; choose one of {TIME_SAMPLING}")
+    return shift_time(t, shift)
+
+
+def time_cdf(
+    t: torch.Tensor, *, method: str = "logit_normal", mean: float = 0.0, std: float = 1.0, shift: float = 1.0
+) -> torch.Tensor:
+    """P(T <= t) under the training time distribution of :func:`sample_time` (same shape, t in [0, 1])."""
+    t = t / (shift - (shift - 1) * t)  # undo the shift
+    if method == "uniform":
+        return t
+    if method == "logit_normal":
+        return torch.special.ndtr((torch.logit(t) - mean) / std)
+    raise ValueError(f"unknown time sampling {method!r}; choose one of {TIME_SAMPLING}")
+
+
 def sample_time(
     n: int,
     *,
@@ -112,7 +137,9 @@ def flow_matching_loss(
 
     Args:
         x0: (M, P) clean patches; cond: (M, D) their conditions.
-        t: (M,) given noise levels (ordered tokens: the condition was computed for them); drawn when None.
+        t: given noise levels (ordered tokens: the condition was computed for them), (M,) shared by the
+            `batch_mul` draws of a patch or (batch_mul * M,) one per draw, laid out draw-major as the
+            repeated patches; drawn when None.
     Returns:
         scalar mean-squared error.
     """
@@ -128,8 +155,15 @@ def flow_matching_loss(
             device=x0.device,
             generator=generator,
         )
-    else:
+    elif t.shape == (x0.shape[0] // batch_mul,):
         t = repeat(t.to(x0), "m -> (r m)", r=batch_mul)
+    elif t.shape == (x0.shape[0],):
+        t = t.to(x0)
+    else:
+        raise ValueError(
+            f"t must have shape (M,) = ({x0.shape[0] // batch_mul},) or (batch_mul * M,) = ({x0.shape[0]},), "
+            f"got {tuple(t.shape)}"
+        )
     gen_device = generator.device if generator is not None else x0.device
     noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0)
     x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
