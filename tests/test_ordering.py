@@ -220,6 +220,8 @@ def test_prefix_tokens_beyond_the_prefix_do_not_matter_in_ordered_mode():
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     # decoding the prefix never reads the tail, whatever it was
     assert torch.equal(tok.decode(ids[:, :2], generator=g()).images, tok.decode(changed[:, :2], generator=g()).images)
+    # ... while the full sequence does
+    assert not torch.equal(tok.decode(ids, generator=g()).images, tok.decode(changed, generator=g()).images)
 
 
 def test_ordered_mode_round_trips_through_save_pretrained(tmp_path):

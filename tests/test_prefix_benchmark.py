@@ -69,6 +69,22 @@ def test_denoising_gain_scores_each_noise_level_and_hides_late_tokens():
     other = ids.clone()
     other[:, k:] = ids[:, k:].roll(1, dims=0)
     assert not torch.equal(other, ids)
-    assert (
-        prefix.denoising_gain(tok, images, other, times=(0.9,), batch_size=3)["psnr_tokens"] == out["psnr_tokens"][:1]
-    )
+    changed = prefix.denoising_gain(tok, images, other, times=times, batch_size=3)
+    assert changed["psnr_tokens"][0] == out["psnr_tokens"][0]
+    assert changed["psnr_tokens"][2] != out["psnr_tokens"][2]  # ... and they are in play at t = 0.1
+
+
+def test_denoising_gain_of_an_unordered_tokenizer_sees_every_token_at_every_level():
+    tok = tiny_tokenizer(token_order="unordered")
+    images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ids = tok.encode(images).ids
+    times = (0.9, 0.5, 0.1)
+    out = prefix.denoising_gain(tok, images, ids, times=times, batch_size=3)
+    assert out["visible_tokens"] == [ids.shape[1]] * 3
+    # the last token is in play at every level; the null condition reads no token at all
+    other = ids.clone()
+    other[:, -1] = ids[:, -1].roll(1, dims=0)
+    assert not torch.equal(other, ids)
+    changed = prefix.denoising_gain(tok, images, other, times=times, batch_size=3)
+    assert all(a != b for a, b in zip(changed["psnr_tokens"], out["psnr_tokens"], strict=True))
+    assert changed["psnr_null"] == out["psnr_null"]

@@ -51,8 +51,16 @@ def tiny_vocabulary(num_entries: int = 32, dim: int = 24, seed: int = 0) -> LLMV
 
 def tiny_tokenizer(seed: int = 0, **overrides) -> V2FlowTokenizer:
     """:data:`TINY_CONFIG` updated by `overrides`, weights drawn after ``torch.manual_seed(seed)``, with its
-    :func:`tiny_vocabulary` installed; in eval mode. Identical on every call with the same arguments."""
+    :func:`tiny_vocabulary` installed; in eval mode. Identical on every call with the same arguments.
+
+    The velocity head's zero-initialised layers (its adaLN modulations and output, which make a fresh head
+    predict v = 0 whatever its condition) get small random weights instead, so that a decode depends on the
+    tokens, as a trained tokenizer's does, and a test that changes tokens can see a change."""
     torch.manual_seed(seed)
     tok = V2FlowTokenizer(**{**TINY_CONFIG, **overrides})
+    with torch.no_grad():
+        for p in tok.head.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.1)
     tok.set_vocabulary(tiny_vocabulary(tok.config["num_entries"], tok.config["llm_dim"], seed))
     return tok.eval()
