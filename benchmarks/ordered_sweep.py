@@ -4,9 +4,10 @@ device and score their prefixes against the shipped unordered tokenizer.
     python benchmarks/ordered_sweep.py --accelerator gpu --parallel 6 --time-limit 440 \
         --vocab-source checkpoints/mnist-smollm2-32 --json benchmarks/results/ordered_sweep.json
 
-Each variant is ``NAME=STAGES:TRUNCATION_PROB:PREFIX_SAMPLING`` (e.g. ``B=8,4,2,1,1:0.5:uniform``) and overrides
-``order_stages``, ``truncation_prob`` and ``prefix_sampling`` of the config; everything else (sizes, batch,
-steps) is the config's, so variants differ only there. ``--parallel`` runs go through the project's Lightning
+Each variant is ``NAME=STAGES:TRUNCATION_PROB:PREFIX_SAMPLING[:KEY=VALUE,...]`` (e.g. ``B=8,4,2,1,1:0.5:uniform``
+or ``B2=8,4,2,1,1:0.5:uniform:interval_times=true``) and overrides ``order_stages``, ``truncation_prob``,
+``prefix_sampling`` and any further tokenizer keys it names; everything else (sizes, batch, steps) is the
+config's, so variants differ only there. ``--parallel`` runs go through the project's Lightning
 CLI at once (``v2flow fit`` subprocesses; small models leave a GPU mostly idle, so several share it). A run
 stopped by ``--time-limit`` seconds is scored at the step it reached, which the table states: compare variants
 at equal steps only. ``--vocab-source checkpoints/mnist-smollm2-32`` takes the 4,096 SmolLM2 rows from the
@@ -46,25 +47,35 @@ DEFAULT_VARIANTS = (
 DECODE = {"num_steps": 2, "temperature": 0.0}
 
 
-def parse_variant(spec: str) -> tuple[str, list[float], float, str]:
-    """``NAME=STAGES:TRUNCATION_PROB:PREFIX_SAMPLING`` -> (name, stages, truncation_prob, prefix_sampling)."""
+def parse_variant(spec: str) -> tuple[str, list[float], float, str, dict[str, str]]:
+    """``NAME=STAGES:TRUNCATION_PROB:PREFIX_SAMPLING[:KEY=VALUE,...]`` -> (name, stages, truncation_prob,
+    prefix_sampling, {key: value} of further tokenizer keys)."""
     from v2flow.ordering import PREFIX_SAMPLING
+    from v2flow.tokenizer import _config_keys
 
     name, _, rest = spec.partition("=")
     parts = rest.split(":")
-    if not name.isidentifier() or len(parts) != 3:
-        raise ValueError(f"variant {spec!r} is not NAME=STAGES:TRUNCATION_PROB:SAMPLING, e.g. B=8,4,2,1,1:0.5:uniform")
+    if not name.isidentifier() or len(parts) not in (3, 4):
+        raise ValueError(
+            f"variant {spec!r} is not NAME=STAGES:TRUNCATION_PROB:SAMPLING[:KEY=VALUE,...], e.g. B=8,4,2,1,1:0.5:uniform"
+        )
+    extra = dict(item.partition("=")[::2] for item in parts[3].split(",")) if len(parts) == 4 else {}
+    unknown = sorted(k for k in extra if k not in _config_keys())
+    if unknown or not all(extra.values()):
+        raise ValueError(
+            f"variant {spec!r}: {unknown or 'an empty value'} in KEY=VALUE; keys are tokenizer config keys"
+        )
     try:
         stages, prob = [float(s) for s in parts[0].split(",")], float(parts[1])
     except ValueError as err:
         raise ValueError(f"variant {spec!r}: stages and truncation probability must be numbers ({err})") from None
     if parts[2] not in PREFIX_SAMPLING:
         raise ValueError(f"variant {spec!r}: prefix sampling must be one of {PREFIX_SAMPLING}")
-    return name, stages, prob, parts[2]
+    return name, stages, prob, parts[2], extra
 
 
 def fit_command(variant: tuple, a: argparse.Namespace) -> list[str]:
-    name, stages, prob, sampling = variant
+    name, stages, prob, sampling, extra = variant
     init = "--model.tokenizer.init_args."
     return [
         *(sys.executable, "-m", "v2flow.cli", "fit", "--config", str(a.config)),
@@ -72,6 +83,7 @@ def fit_command(variant: tuple, a: argparse.Namespace) -> list[str]:
         *("--trainer.logger.init_args.save_dir", str(a.runs_dir), "--trainer.logger.init_args.name", name),
         *(f"{init}order_stages", json.dumps(stages), f"{init}truncation_prob", str(prob)),
         *(f"{init}prefix_sampling", sampling, f"{init}vocab_source", a.vocab_source),
+        *(arg for key, value in extra.items() for arg in (f"{init}{key}", value)),
         *(["--trainer.max_steps", str(a.max_steps)] if a.max_steps else []),
     ]
 
@@ -135,7 +147,7 @@ def main() -> None:
     ref = score(V2FlowTokenizer.from_pretrained(a.unordered).to(device), images, a.batch_size)
     n = max(ref)
     results = {"unordered": {"checkpoint": a.unordered, "psnr": ref}}
-    for name, stages, prob, sampling in variants:
+    for name, stages, prob, sampling, extra in variants:
         ckpts = sorted((a.runs_dir / name).glob("version_*/checkpoints/last.ckpt"))
         if not ckpts:
             print(f"{name}: no checkpoint in {a.runs_dir / name} (see {a.runs_dir / name}.log)", file=sys.stderr)
@@ -147,6 +159,7 @@ def main() -> None:
             "order_stages": stages,
             "truncation_prob": prob,
             "prefix_sampling": sampling,
+            "overrides": extra,
             "step": step,
             "psnr": psnr,
             "non_decreasing": all(psnr[j] >= psnr[i] for i, j in zip(ks[:-1], ks[1:], strict=True)),
@@ -157,18 +170,20 @@ def main() -> None:
     print(json.dumps(summary))
     ks = sorted(ref)
     print(
-        "\n| run | stages | trunc. | lengths | step | "
+        "\n| run | stages | trunc. | lengths | other | step | "
         + " | ".join(f"k={k}" for k in ks)
         + " | k=N/4 margin | k=N margin |"
     )
-    print("|---|---|---|---|---|" + "---|" * (len(ks) + 2))
-    print("| unordered | | | | | " + " | ".join(f"{ref[k]:.2f}" for k in ks) + " | | |")
+    print("|---|---|---|---|---|---|" + "---|" * (len(ks) + 2))
+    print("| unordered | | | | | | " + " | ".join(f"{ref[k]:.2f}" for k in ks) + " | | |")
     for name, r in results.items():
         if name != "unordered":
             stages = ", ".join(f"{s:g}" for s in r["order_stages"])
             cells = " | ".join(f"{r['psnr'][k]:.2f}" for k in ks)
+            other = ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items())
             print(
-                f"| {name} | {stages} | {r['truncation_prob']:g} | {r['prefix_sampling']} | {r['step']} | {cells} "
+                f"| {name} | {stages} | {r['truncation_prob']:g} | {r['prefix_sampling']} | {other} | {r['step']} "
+                f"| {cells} "
                 f"| {r['margin_quarter_db']:+.2f} | {r['margin_full_db']:+.2f} |"
             )
     if a.json:

@@ -34,10 +34,12 @@ def test_next_token_entropy_gives_one_finite_value_per_position():
 def test_sweep_variants_parse_and_override_only_the_ordering_keys():
     from benchmarks import ordered_sweep
 
-    name, stages, prob, sampling = ordered_sweep.parse_variant("B=8,4,2,1,1:0.5:uniform")
-    assert (name, stages, prob, sampling) == ("B", [8.0, 4.0, 2.0, 1.0, 1.0], 0.5, "uniform")
+    name, stages, prob, sampling, extra = ordered_sweep.parse_variant("B=8,4,2,1,1:0.5:uniform")
+    assert (name, stages, prob, sampling, extra) == ("B", [8.0, 4.0, 2.0, 1.0, 1.0], 0.5, "uniform", {})
     for bad, message in [
         ("B=8,4,2:0.5", "NAME=STAGES"),
+        ("B=8,4:0.5:uniform:interval_time=true", "interval_time"),
+        ("B=8,4:0.5:uniform:interval_times=", "empty value"),
         ("B=8,x:0.5:uniform", "must be numbers"),
         ("B=8,4:0.5:random", "prefix sampling"),
     ]:
@@ -50,6 +52,9 @@ def test_sweep_variants_parse_and_override_only_the_ordering_keys():
     overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[6::2], command[7::2], strict=False)}
     assert overrides["order_stages"] == "[8.0, 4.0, 2.0, 1.0, 1.0]" and overrides["truncation_prob"] == "0.3"
     assert overrides["prefix_sampling"] == "pow2" and "--trainer.max_steps" not in command
+    command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D2=8,4:0.3:pow2:interval_times=true"), args)
+    overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[6::2], command[7::2], strict=False)}
+    assert overrides["interval_times"] == "true"
 
 
 def test_denoising_gain_scores_each_noise_level_and_hides_late_tokens():
