@@ -53,8 +53,8 @@ def tiny_tokenizer(seed: int = 0, **overrides) -> V2FlowTokenizer:
     """:data:`TINY_CONFIG` updated by `overrides`, weights drawn after ``torch.manual_seed(seed)``, with its
     :func:`tiny_vocabulary` installed; in eval mode. Identical on every call with the same arguments.
 
-    The velocity head's zero-initialised layers (its adaLN modulations and output, which make a fresh head
-    predict v = 0 whatever its condition) get small random weights instead, so that a decode depends on the
+    The velocity head's zero-initialised parameters (its biases, adaLN modulations and output layer, which make
+    a fresh head predict v = 0 whatever its condition) get small random values instead, so that a decode depends on the
     tokens, as a trained tokenizer's does, and a test that changes tokens can see a change."""
     torch.manual_seed(seed)
     tok = V2FlowTokenizer(**{**TINY_CONFIG, **overrides})

@@ -557,12 +557,16 @@ class V2FlowTokenizer(nn.Module):
         if not cfg["interval_times"]:
             return t[:, None].expand(mask.shape)[mask]  # (M,)
         lo, hi = self.schedule.visibility_interval(t)  # (B,) each
-        lo, hi = (repeat(x[:, None].expand(mask.shape)[mask], "m -> (r m)", r=cfg["batch_mul"]) for x in (lo, hi))
+        # float64: near t = 1 the CDF is within 1e-6 of 1, where float32 would leave a stretch a few values
+        lo, hi = (
+            repeat(x[:, None].expand(mask.shape)[mask], "m -> (r m)", r=cfg["batch_mul"]).double() for x in (lo, hi)
+        )
         dist = {"method": cfg["time_sampling"], "mean": cfg["time_mean"], "std": cfg["time_std"]}
         dist["shift"] = cfg["time_shift"]
         u_lo, u_hi = time_cdf(lo, **dist), time_cdf(hi, **dist)
-        u = u_lo + (u_hi - u_lo) * _rand(lo.shape, generator, lo.device)
-        return torch.minimum(torch.maximum(time_quantile(u, **dist), lo), hi)  # (batch_mul * M,)
+        u = u_lo + (u_hi - u_lo) * _rand(lo.shape, generator, lo.device).double()
+        times = torch.minimum(torch.maximum(time_quantile(u, **dist), lo), hi)
+        return times.to(t.dtype)  # (batch_mul * M,)
 
     def _truncation(self, batch_size: int, device, generator: torch.Generator | None) -> torch.Tensor | None:
         """Nested truncation: (B, N) bool, a random prefix kept in a `truncation_prob` share of the samples."""
