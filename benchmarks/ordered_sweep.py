@@ -180,7 +180,7 @@ def main() -> None:
         if name != "unordered":
             stages = ", ".join(f"{s:g}" for s in r["order_stages"])
             cells = " | ".join(f"{r['psnr'][k]:.2f}" for k in ks)
-            other = ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items())
+            other = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
             print(
                 f"| {name} | {stages} | {r['truncation_prob']:g} | {r['prefix_sampling']} | {other} | {r['step']} "
                 f"| {cells} "

@@ -80,10 +80,10 @@ class OrderSchedule:
             lo, hi: (B,) float32 with lo <= t <= hi; ``visibility`` is the same at every level in (lo, hi]
             (up to float32 rounding at the ends).
         """
-        k = self.num_visible(t).cpu()  # (B,), in [1, N]
+        k = self.num_visible(t)  # (B,), in [1, N], on t's device
         hi = torch.where(k > 1, self._enter_level(k - 1), torch.ones_like(k, dtype=torch.float64))
         lo = torch.where(k < self.num_tokens, self._enter_level(k), torch.zeros_like(k, dtype=torch.float64))
-        return lo.float().to(t.device), hi.float().to(t.device)
+        return lo.float(), hi.float()
 
     def _enter_level(self, j: torch.Tensor) -> torch.Tensor:
         """float64: the highest noise level at which ``num_visible`` counts token j (>= 1) as visible."""

@@ -561,8 +561,7 @@ class V2FlowTokenizer(nn.Module):
         lo, hi = (
             repeat(x[:, None].expand(mask.shape)[mask], "m -> (r m)", r=cfg["batch_mul"]).double() for x in (lo, hi)
         )
-        dist = {"method": cfg["time_sampling"], "mean": cfg["time_mean"], "std": cfg["time_std"]}
-        dist["shift"] = cfg["time_shift"]
+        dist = dict(method=cfg["time_sampling"], mean=cfg["time_mean"], std=cfg["time_std"], shift=cfg["time_shift"])
         u_lo, u_hi = time_cdf(lo, **dist), time_cdf(hi, **dist)
         u = u_lo + (u_hi - u_lo) * _rand(lo.shape, generator, lo.device).double()
         times = torch.minimum(torch.maximum(time_quantile(u, **dist), lo), hi)
