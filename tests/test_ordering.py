@@ -277,6 +277,68 @@ def test_query_modulation_starts_as_the_identity_and_learns():
     assert modulations[0][-1].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_causal_queries_keep_a_token_prefix_independent_of_later_positions(causal):
+    from v2flow.encoder import QueryEncoder
+
+    torch.manual_seed(0)
+    encoder = QueryEncoder(
+        num_patches=4,
+        patch_dim=3,
+        num_tokens=6,
+        hidden_dim=16,
+        depth=2,
+        num_heads=2,
+        query_modulation=True,
+        causal_queries=causal,
+    )
+    for m in encoder.modulations:  # a trained modulation, not the zero-initialised identity
+        torch.nn.init.normal_(m[-1].weight, std=0.1)
+    patches = torch.randn(2, 4, 3)
+    out = encoder(patches)
+    with torch.no_grad():  # change everything that belongs to positions 3, 4 and 5
+        encoder.queries[:, 3:] += 1.0
+        encoder.index_embed[3:] += 1.0
+    changed = encoder(patches)
+    assert not torch.allclose(changed[:, 3:], out[:, 3:])  # the later tokens do change
+    if causal:
+        assert torch.equal(changed[:, :3], out[:, :3])  # the prefix cannot see them
+    else:
+        assert not torch.allclose(changed[:, :3], out[:, :3])  # full attention: every token sees every query
+    # the prefix still depends on the image
+    assert not torch.allclose(encoder(patches.flip(1))[:, :3], changed[:, :3])
+
+
+def test_causal_query_mask_layout():
+    from v2flow.encoder import QueryEncoder
+
+    encoder = QueryEncoder(
+        num_patches=2, patch_dim=3, num_tokens=3, hidden_dim=8, depth=1, num_heads=2, causal_queries=True
+    )
+    expected = torch.tensor(
+        [  # rows: patches 0-1, then queries 0-2; columns the same
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(encoder.attention_mask(), expected)
+
+
+def test_causal_queries_round_trip_through_save_and_load(tmp_path):
+    from v2flow import V2FlowTokenizer
+
+    tok = ordered_tokenizer(encoder_causal_queries=True)
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = V2FlowTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.config["encoder_causal_queries"] is True and loaded.encoder.causal_queries
+    images = tiny_images(2)
+    assert torch.equal(loaded.encode(images).soft_embeddings, tok.encode(images).soft_embeddings)
+
+
 def test_ordered_config_with_query_modulation_builds_and_trains():
     tok = ordered_tokenizer(encoder_query_modulation=True).train()
     tok.loss(tiny_images(2), generator=torch.Generator().manual_seed(0)).loss.backward()

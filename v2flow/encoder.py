@@ -7,6 +7,10 @@ With ``query_modulation`` (Selftok's choice for ordered tokens) every query posi
 adaptive LayerNorm-style shift and scale before each block, computed from an embedding of its index, so
 each position can specialise in its stretch of the noise schedule. The modulation is zero-initialised:
 the encoder starts as the plain one.
+
+With ``causal_queries`` (FlexTok's causal register mask, arXiv 2502.13967) query i attends to the patches
+and to queries 0..i only, and the patches attend to patches only: token i is then a function of the image
+and nothing computed for a later position, so a prefix of the tokens is the same whatever follows it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class QueryEncoder(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP width as a multiple of D.
         query_modulation: per-position shift/scale of the query stream before every block.
+        causal_queries: query i sees the patches and queries 0..i only; patches see patches only.
     """
 
     def __init__(
@@ -42,11 +47,14 @@ class QueryEncoder(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         query_modulation: bool = False,
+        causal_queries: bool = False,
     ) -> None:
         super().__init__()
         if num_tokens < 1 or depth < 1:
             raise ValueError(f"num_tokens and depth must be >= 1, got {num_tokens} and {depth}")
         self.num_patches = num_patches
+        self.num_tokens = num_tokens
+        self.causal_queries = causal_queries
         self.patch_embed = nn.Linear(patch_dim, hidden_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_dim))
         self.queries = nn.Parameter(torch.zeros(1, num_tokens, hidden_dim))
@@ -73,10 +81,20 @@ class QueryEncoder(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(patches) + self.pos_embed  # (B, L, D)
         x = torch.cat([x, self.queries.expand(x.shape[0], -1, -1)], dim=1)  # (B, L + N, D)
+        attn_mask = self.attention_mask(x.device) if self.causal_queries else None  # (L + N, L + N)
         for i, block in enumerate(self.blocks):
             if self.modulations is not None:
                 shift, scale = self.modulations[i](self.index_embed).chunk(2, dim=-1)  # (N, D) each
                 queries = x[:, self.num_patches :] * (1 + scale) + shift  # (B, N, D)
                 x = torch.cat([x[:, : self.num_patches], queries], dim=1)
-            x = block(x)
+            x = block(x, attn_mask=attn_mask)
         return self.norm(x[:, self.num_patches :])  # (B, N, D)
+
+    def attention_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(L + N, L + N) bool, True where a row may attend to a column: patches see patches, query i sees
+        the patches and queries 0..i (the ``causal_queries`` mask)."""
+        size = self.num_patches + self.num_tokens
+        mask = torch.ones(size, size, dtype=torch.bool, device=device).tril()  # queries: causal among queries
+        mask[:, : self.num_patches] = True  # every position sees every patch
+        mask[: self.num_patches, self.num_patches :] = False  # patches never see queries
+        return mask

@@ -66,10 +66,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D); key_mask (B, T) bool, False for positions no query may attend to."""
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, D); key_mask (B, T) bool, False for positions no query may attend to; attn_mask (T, T)
+        bool, False where query position i may not attend to key position j (both masks apply)."""
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
+        if key_mask is not None:
+            key_mask = key_mask[:, None, None, :]  # (B, 1, 1, T)
+            attn_mask = key_mask if attn_mask is None else key_mask & attn_mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, d)
         return self.proj(rearrange(out, "b h t d -> b t (h d)"))
 
@@ -89,8 +94,10 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_mask)
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask, attn_mask)
         return x + self.mlp(self.norm2(x))
 
 

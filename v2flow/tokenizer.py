@@ -114,6 +114,8 @@ class V2FlowTokenizer(nn.Module):
         encoder_dim, encoder_depth, encoder_heads: the query encoder (ViT).
         encoder_query_modulation: give every query position its own shift/scale from an embedding of its
             index before each encoder block (Selftok's position-aware encoder, for ordered tokens).
+        encoder_causal_queries: query i attends to the patches and queries 0..i only, patches to patches only
+            (FlexTok's causal register mask), so a token prefix never depends on what later positions compute.
         vocab_source: where training loads the LLM vocabulary from (see :class:`LLMVocabulary.load`).
         vocab_selection: how the subset is chosen (``"fps"`` or ``"first"``).
         num_entries: K, vocabulary rows kept.
@@ -161,6 +163,7 @@ class V2FlowTokenizer(nn.Module):
         encoder_depth: int = 4,
         encoder_heads: int = 4,
         encoder_query_modulation: bool = False,
+        encoder_causal_queries: bool = False,
         vocab_source: str = "smollm2",
         vocab_selection: str = "fps",
         num_entries: int = 4096,
@@ -263,6 +266,7 @@ class V2FlowTokenizer(nn.Module):
             depth=encoder_depth,
             num_heads=encoder_heads,
             query_modulation=encoder_query_modulation,
+            causal_queries=encoder_causal_queries,
         )
         self.resampler = VocabularyResampler(
             input_dim=encoder_dim,
