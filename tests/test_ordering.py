@@ -224,6 +224,39 @@ def test_prefix_tokens_beyond_the_prefix_do_not_matter_in_ordered_mode():
     assert not torch.equal(tok.decode(ids, generator=g()).images, tok.decode(changed, generator=g()).images)
 
 
+def test_prefix_estimate_stops_where_the_first_missing_token_would_enter():
+    tok = ordered_tokenizer()  # N = 4 tokens, entering at t_0 = 1 > t_1 > t_2 > t_3
+    ids = tok.encode(tiny_images()).ids
+    calls = []
+    handle = tok.decoder.register_forward_hook(lambda *_: calls.append(1))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for k in (1, 2, 3):
+        calls.clear()
+        estimate = tok.decode(ids[:, :k], prefix_estimate=True, num_steps=8, generator=g()).images
+        # k stretches down to t_k (cut by t_1 .. t_(k-1)), then one pass for the estimate at t_k
+        assert len(calls) == k + 1
+        assert estimate.shape == (3, 1, 8, 8)
+        # 8 Euler steps put more than one step below t_k (with one, the last Euler step is the estimate)
+        assert not torch.equal(estimate, tok.decode(ids[:, :k], num_steps=8, generator=g()).images)
+    handle.remove()
+    # a full sequence has no missing token: the same decode
+    assert torch.equal(
+        tok.decode(ids, prefix_estimate=True, generator=g()).images, tok.decode(ids, generator=g()).images
+    )
+
+
+def test_prefix_estimate_of_an_unordered_tokenizer_is_the_one_step_estimate_from_noise():
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    ids = tok.encode(tiny_images()).ids
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    estimate = tok.decode(ids[:, :2], allow_truncation=True, prefix_estimate=True, num_steps=8, generator=g())
+    one_step = tok.decode(ids[:, :2], allow_truncation=True, num_steps=1, generator=g())
+    assert torch.allclose(estimate.images, one_step.images, atol=1e-6)
+    assert not torch.allclose(estimate.images, tok.decode(ids[:, :2], allow_truncation=True, generator=g()).images)
+
+
 def test_ordered_mode_round_trips_through_save_pretrained(tmp_path):
     from v2flow import V2FlowTokenizer
 

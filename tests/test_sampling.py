@@ -99,6 +99,51 @@ def test_masked_flow_sample_reveals_each_patch_once():
         assert torch.equal(seen[i][0][known], out[known])
 
 
+@pytest.mark.parametrize("stop_at", [1.0, 0.7, 0.3])
+def test_stop_at_returns_the_one_step_estimate_of_a_point_mass_exactly(stop_at):
+    # data = the point c: the exact rectified-flow velocity is v(x, t) = (x - c) / t, so the one-step estimate
+    # x - t v is c at every level, while a 2-step Euler decode from noise does not reach it until t = 0
+    c = torch.tensor([0.5, -1.0, 2.0])
+
+    def velocity(x, t, cond):
+        return (x - c) / t[:, None]
+
+    kwargs = dict(batch_size=2, num_patches=3, patch_dim=3, num_steps=2, temperature=1.0, breakpoints=[0.8, 0.5])
+    conditions = lambda patches, mask, t: (torch.zeros(*mask.shape, 1), None)  # noqa: E731
+    out = masked_flow_sample(
+        conditions, velocity, stop_at=stop_at, generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert torch.allclose(out, c.expand(2, 3, 3), atol=1e-5)
+
+
+def test_stop_at_integrates_the_stretches_above_it_then_takes_one_estimate():
+    levels = []
+
+    def conditions(patches, mask, t):
+        levels.append(t)
+        return torch.full((*mask.shape, 1), t), None
+
+    def velocity(x, t, cond):  # depends on x, t and the condition
+        return 0.5 * x + t[:, None] * cond
+
+    kwargs = dict(batch_size=1, num_patches=2, patch_dim=3, num_steps=4, breakpoints=[0.9, 0.6, 0.2])
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    out = masked_flow_sample(conditions, velocity, stop_at=0.6, generator=g(), **kwargs)
+    assert levels == pytest.approx([1.0, 0.9, 0.6])  # one transformer pass per stretch above 0.6, one for the estimate
+    # by hand: Euler on the grid [1, 0.9, 0.75] then [0.9, 0.75, 0.6], then x - 0.6 v(x, 0.6)
+    gen = g()  # the sampler draws the reveal order, then the starting noise
+    order = torch.rand(1, 2, generator=gen).argsort(dim=1)
+    x = torch.randn(2, 3, generator=gen)
+    for grid, cond in (([1.0, 0.9], 1.0), ([0.9, 0.75, 0.6], 0.9)):
+        x = solve_ode(
+            lambda t, x, cond=cond: velocity(x, t.expand(2), torch.full((2, 1), cond)), x, grid=torch.tensor(grid)
+        )
+    x = x - 0.6 * velocity(x, torch.full((2,), 0.6), torch.full((2, 1), 0.6))
+    assert torch.allclose(out[0, order[0]], x, atol=1e-6)
+    with pytest.raises(ValueError, match="stop_at"):
+        masked_flow_sample(conditions, velocity, stop_at=1.5, **kwargs)
+
+
 def test_velocity_head_zero_init_and_loss():
     head = VelocityHead(patch_dim=4, cond_dim=8, width=16, depth=2)
     x, t, c = 2 * torch.randn(2000, 4), torch.rand(2000), torch.randn(2000, 8)

@@ -96,7 +96,9 @@ def _stretches(num_steps: int, shift: float, breakpoints: Sequence[float], solve
     if not cuts:
         return [None]
     if solver == "flow_match_euler":
-        raise ValueError("ordered decoding integrates stretch by stretch; use solver='euler' (the same steps)")
+        raise ValueError(
+            "ordered decoding and stop_at > 0 integrate stretch by stretch; use solver='euler' (the same steps)"
+        )
     ends = [1.0, *cuts, 0.0]
     if solver == "dopri5":
         return [torch.tensor([a, b]) for a, b in zip(ends[:-1], ends[1:], strict=True)]
@@ -125,6 +127,36 @@ def reveal_counts(num_patches: int, num_iters: int) -> list[int]:
     return counts
 
 
+def _field(
+    conditions: Callable,
+    velocity: Callable,
+    patches: torch.Tensor,
+    known: torch.Tensor,
+    reveal: torch.Tensor,
+    t0: float,
+    cfg_scale: float,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The velocity field ``f(t, x)`` of the patches in `reveal` (B, n), with the conditions the transformer
+    gives at noise level t0 for the `patches` (B, L, P) `known` (B, L) so far (guided when cfg_scale != 1)."""
+    cond, null_cond = conditions(patches, ~known, t0)
+    pick = repeat(reveal, "b n -> b n d", d=cond.shape[-1])
+    c = torch.gather(cond, 1, pick).flatten(0, 1)  # (B*n, D)
+    guided = cfg_scale != 1.0
+    if guided:
+        if null_cond is None:
+            raise ValueError("cfg_scale != 1 needs unconditional conditions")
+        c = torch.cat([c, torch.gather(null_cond, 1, pick).flatten(0, 1)])
+
+    def field(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        tt = t.expand(c.shape[0])
+        if not guided:
+            return velocity(x, tt, c)
+        v_cond, v_null = velocity(torch.cat([x, x]), tt, c).chunk(2)
+        return v_null + cfg_scale * (v_cond - v_null)
+
+    return field
+
+
 def masked_flow_sample(
     conditions: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
     velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -141,6 +173,7 @@ def masked_flow_sample(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     breakpoints: Sequence[float] = (),
+    stop_at: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
@@ -159,39 +192,36 @@ def masked_flow_sample(
         cfg_scale: guidance scale; 1.0 disables guidance (no unconditional pass).
         temperature: scale of the starting noise (MAR's sampling temperature): 1 samples the learned
             distribution, smaller values trade diversity for fidelity to the condition.
+        stop_at: integrate each iteration's ODE only down to this noise level, then return the velocity
+            head's one-step data estimate there, ``x - stop_at * v(x, stop_at)`` (with the conditions at
+            ``stop_at``). 0 integrates to the data; 1 returns the estimate from the starting noise.
     Returns:
         (B, L, P) float32 patches.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    if not 0.0 <= stop_at <= 1.0:
+        raise ValueError(f"stop_at must be a noise level in [0, 1], got {stop_at}")
     gen_device = generator.device if generator is not None else device
     patches = torch.zeros(batch_size, num_patches, patch_dim, device=device)
     known = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
     order = torch.rand(batch_size, num_patches, generator=generator, device=gen_device).argsort(dim=1).to(device)
-    stretches = _stretches(num_steps, shift, breakpoints, solver)
-    guided = cfg_scale != 1.0
+    above = {float(b) for b in breakpoints if stop_at < float(b) < 1.0}
+    stretches = [] if stop_at >= 1.0 else _stretches(num_steps, shift, [*above, stop_at], solver)
+    if stop_at > 0.0:  # the stretches above stop_at (it is a cut); the estimate replaces the rest
+        stretches = stretches[: len(above) + 1]
     start = 0
     for count in reveal_counts(num_patches, num_iters):
         reveal = order[:, start : start + count]  # (B, n)
         start += count
         x = temperature * torch.randn(batch_size * count, patch_dim, generator=generator, device=gen_device).to(device)
         for grid in stretches:
-            cond, null_cond = conditions(patches, ~known, float(grid[0]) if grid is not None else 1.0)
-            pick = repeat(reveal, "b n -> b n d", d=cond.shape[-1])
-            c = torch.gather(cond, 1, pick).flatten(0, 1)  # (B*n, D)
-            if guided:
-                if null_cond is None:
-                    raise ValueError("cfg_scale != 1 needs unconditional conditions")
-                c = torch.cat([c, torch.gather(null_cond, 1, pick).flatten(0, 1)])
-
-            def field(t: torch.Tensor, x: torch.Tensor, c=c) -> torch.Tensor:
-                tt = t.expand(c.shape[0])
-                if not guided:
-                    return velocity(x, tt, c)
-                v_cond, v_null = velocity(torch.cat([x, x]), tt, c).chunk(2)
-                return v_null + cfg_scale * (v_cond - v_null)
-
+            t0 = float(grid[0]) if grid is not None else 1.0
+            field = _field(conditions, velocity, patches, known, reveal, t0, cfg_scale)
             x = solve_ode(field, x, num_steps=num_steps, solver=solver, shift=shift, rtol=rtol, atol=atol, grid=grid)
+        if stop_at > 0.0:  # the one-step data estimate at stop_at
+            t = torch.tensor(stop_at, device=x.device)
+            x = x - stop_at * _field(conditions, velocity, patches, known, reveal, stop_at, cfg_scale)(t, x).float()
         x0 = x
         patches.scatter_(1, repeat(reveal, "b n -> b n p", p=patch_dim), x0.view(batch_size, count, patch_dim))
         known.scatter_(1, reveal, True)
