@@ -4,9 +4,12 @@
 
 For each checkpoint and each prefix length k it decodes the first k tokens of every MNIST test digit (the
 unordered tokenizer with its tail masked the same way, ``allow_truncation=True``) and reports PSNR/SSIM
-against the exact 32x32 inputs. It also reports, per token position, the entropy of the token distribution
-over the test set and the next-token entropy (cross-entropy, bits) of a small causal transformer trained on
-the training set's token sequences: Selftok finds ordered tokens get easier to predict along the sequence.
+against the exact 32x32 inputs, at each model's decode defaults and as the prefix estimate
+(``decode(..., prefix_estimate=True)``: the one-step estimate of the clean digit at the noise level where
+the first missing token would enter, the decoder's guess at the mean of the digits the prefix allows). It
+also reports, per token position, the entropy of the token distribution over the test set and the
+next-token entropy (cross-entropy, bits) of a small causal transformer trained on the training set's token
+sequences: Selftok finds ordered tokens get easier to predict along the sequence.
 Last, per noise level t, the PSNR of the velocity head's one-step data estimate from truly noised digits with
 the tokens visible at t and with no tokens (``denoising_gain``): it shows where along the trajectory tokens
 can still steer the decode, which bounds what the late tokens of an ordered tokenizer can add.
@@ -187,6 +190,11 @@ def main() -> None:
         quality = {
             k: prefix_quality(tok, test, ids, k, a.batch_size) for k in tqdm(prefixes, desc=f"prefixes ({mode})")
         }
+        # the one-step estimate where the first missing token would enter (a full sequence decodes as above)
+        estimate = {
+            k: prefix_quality(tok, test, ids, k, a.batch_size, prefix_estimate=True) if k < n else quality[k]
+            for k in tqdm(prefixes, desc=f"prefix estimates ({mode})")
+        }
         train_ids = encode_images(tok, train, a.batch_size, desc=f"encoding train ({mode})")
         train_indices = tok._ids_to_indices(train_ids.to(a.device)).cpu()
         num_codes = tok.resampler.num_codes
@@ -196,6 +204,8 @@ def main() -> None:
             "num_tokens": n,
             "psnr": {k: q["psnr"] for k, q in quality.items()},
             "ssim": {k: q["ssim"] for k, q in quality.items()},
+            "psnr_estimate": {k: q["psnr"] for k, q in estimate.items()},
+            "ssim_estimate": {k: q["ssim"] for k, q in estimate.items()},
             "denoising": denoising_gain(tok, test, ids, batch_size=a.batch_size, seed=a.seed),
             "position_entropy_bits": position_entropy(indices, num_codes),
             "next_token_entropy_bits": next_token_entropy(
@@ -216,11 +226,19 @@ def main() -> None:
     save_image_grid(rows, a.out / "prefix_grid.png", nrow=columns)
     n = results["ordered"]["num_tokens"]
     ordered, unordered = results["ordered"]["psnr"], results["unordered"]["psnr"]
+    ordered_est, unordered_est = results["ordered"]["psnr_estimate"], results["unordered"]["psnr_estimate"]
     ks = sorted(ordered)
+    nan = float("nan")
     checks = {
         "ordered_psnr_non_decreasing": all(ordered[b] >= ordered[a_] for a_, b in zip(ks[:-1], ks[1:], strict=True)),
-        "gain_at_quarter_db": ordered.get(n // 4, float("nan")) - unordered.get(n // 4, float("nan")),
-        "gap_at_full_db": ordered.get(n, float("nan")) - unordered.get(n, float("nan")),
+        "gain_at_quarter_db": ordered.get(n // 4, nan) - unordered.get(n // 4, nan),
+        "gap_at_full_db": ordered.get(n, nan) - unordered.get(n, nan),
+        # prefix estimates, against the unordered tokenizer's better decode of the same prefix
+        "ordered_estimate_non_decreasing": all(
+            ordered_est[b] >= ordered_est[a_] for a_, b in zip(ks[:-1], ks[1:], strict=True)
+        ),
+        "gain_at_quarter_db_estimate": ordered_est.get(n // 4, nan)
+        - max(unordered.get(n // 4, nan), unordered_est.get(n // 4, nan)),
     }
     _plot(results, a.out / "prefix_psnr.png")
     summary = {"test_images": len(test), "prefixes": ks, "checks": checks, "results": results}
@@ -229,6 +247,9 @@ def main() -> None:
     print("\n| mode | " + " | ".join(f"k={k}" for k in ks) + " |\n|---|" + "---|" * len(ks))
     for mode in ("ordered", "unordered"):
         print(f"| {mode} PSNR (dB) | " + " | ".join(f"{results[mode]['psnr'][k]:.2f}" for k in ks) + " |")
+    for mode in ("ordered", "unordered"):
+        cells = " | ".join(f"{results[mode]['psnr_estimate'][k]:.2f}" for k in ks)
+        print(f"| {mode} PSNR, prefix estimate (dB) | {cells} |")
     times = results["ordered"]["denoising"]["times"]
     print("\n| one-step x0 estimate, PSNR (dB) | " + " | ".join(f"t={t}" for t in times) + " |")
     print("|---|" + "---|" * len(times))
@@ -251,7 +272,9 @@ def _plot(results: dict, path: Path) -> None:
         d = r["denoising"]
         axes[2].plot(d["times"], d["psnr_tokens"], marker="o", label=f"{mode}: visible tokens")
         ks = sorted(r["psnr"])
-        axes[0].plot(ks, [r["psnr"][k] for k in ks], marker="o", label=mode)
+        line = axes[0].plot(ks, [r["psnr"][k] for k in ks], marker="o", label=mode)[0]
+        estimates = [r["psnr_estimate"][k] for k in ks]
+        axes[0].plot(ks, estimates, marker=".", linestyle="--", color=line.get_color(), label=f"{mode}: estimate")
         axes[1].plot(r["next_token_entropy_bits"], label=f"{mode}: next-token")
         axes[1].plot(r["position_entropy_bits"], linestyle=":", label=f"{mode}: marginal")
     axes[0].set_xscale("log", base=2)

@@ -409,6 +409,10 @@ def test_prefix_benchmark_runs_on_tiny_checkpoints(tmp_path):
     assert summary["prefixes"] == [1, 2, 4] and summary["test_images"] == 6
     ordered = summary["results"]["ordered"]
     assert ordered["token_order"] == "ordered" and len(ordered["next_token_entropy_bits"]) == 4
+    # prefix estimates: their own decode below N, the same decode for the full sequence (N = 4 here)
+    assert ordered["psnr_estimate"]["4"] == ordered["psnr"]["4"]
+    assert ordered["psnr_estimate"]["1"] != ordered["psnr"]["1"]
+    assert set(summary["checks"]) >= {"gain_at_quarter_db", "gain_at_quarter_db_estimate", "gap_at_full_db"}
     assert (tmp_path / "out" / "prefix_grid.png").exists() and (tmp_path / "out" / "prefix_psnr.png").exists()
 
 
