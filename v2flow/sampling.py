@@ -90,16 +90,21 @@ def solve_ode(
     raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
 
 
-def _stretches(num_steps: int, shift: float, breakpoints: Sequence[float], solver: str) -> list[torch.Tensor | None]:
-    """The time grids of the stretches between breakpoints ([None]: one stretch, the solver's own grid)."""
-    cuts = sorted({float(b) for b in breakpoints if 0.0 < float(b) < 1.0}, reverse=True)
-    if not cuts:
+def _stretches(
+    num_steps: int, shift: float, breakpoints: Sequence[float], solver: str, end: float = 0.0
+) -> list[torch.Tensor | None]:
+    """The time grids of the stretches between breakpoints, from t = 1 down to `end` ([]: `end` is 1;
+    [None]: one stretch down to 0, the solver's own grid)."""
+    cuts = sorted({float(b) for b in breakpoints if end < float(b) < 1.0}, reverse=True)
+    if end >= 1.0:
+        return []
+    if not cuts and end == 0.0:
         return [None]
     if solver == "flow_match_euler":
         raise ValueError(
             "ordered decoding and stop_at > 0 integrate stretch by stretch; use solver='euler' (the same steps)"
         )
-    ends = [1.0, *cuts, 0.0]
+    ends = [1.0, *cuts, end]
     if solver == "dopri5":
         return [torch.tensor([a, b]) for a, b in zip(ends[:-1], ends[1:], strict=True)]
     base = time_grid(num_steps, shift).tolist()
@@ -206,10 +211,7 @@ def masked_flow_sample(
     patches = torch.zeros(batch_size, num_patches, patch_dim, device=device)
     known = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
     order = torch.rand(batch_size, num_patches, generator=generator, device=gen_device).argsort(dim=1).to(device)
-    above = {float(b) for b in breakpoints if stop_at < float(b) < 1.0}
-    stretches = [] if stop_at >= 1.0 else _stretches(num_steps, shift, [*above, stop_at], solver)
-    if stop_at > 0.0:  # the stretches above stop_at (it is a cut); the estimate replaces the rest
-        stretches = stretches[: len(above) + 1]
+    stretches = _stretches(num_steps, shift, breakpoints, solver, end=stop_at)  # the estimate replaces the rest
     start = 0
     for count in reveal_counts(num_patches, num_iters):
         reveal = order[:, start : start + count]  # (B, n)

@@ -692,8 +692,8 @@ class V2FlowTokenizer(nn.Module):
                 would enter (ordered mode; t = 1 for an unordered tokenizer, whose tokens all enter at once) and
                 return the velocity head's one-step estimate of the clean image there, ``x_t - t v``. Below
                 that level no given token is left to enter, so integrating on only draws detail the prefix
-                does not hold: the estimate is blurrier and closer in PSNR (the decoder's guess at the mean of
-                the images the prefix allows). No effect on a full sequence.
+                does not hold: the estimate is blurrier and scores higher in PSNR (the decoder's guess at the
+                mean of the images the prefix allows). No effect on a full sequence.
             generator: for reproducible noise and reveal order.
         """
         cfg = self.config
