@@ -13,6 +13,9 @@ sequences: Selftok finds ordered tokens get easier to predict along the sequence
 Last, per noise level t, the PSNR of the velocity head's one-step data estimate from truly noised digits with
 the tokens visible at t and with no tokens (``denoising_gain``): it shows where along the trajectory tokens
 can still steer the decode, which bounds what the late tokens of an ordered tokenizer can add.
+With ``--bound``, tokenizers trained for fewer tokens (``configs/mnist_8.yaml``: N/4 = 8) decode their full
+sequences as well: what k tokens of the same vocabulary hold when the whole training budget goes to k tokens,
+against which the k-token prefixes of both 32-token checkpoints can be read.
 
 Prints JSON and a markdown table; writes ``prefix_grid.png`` (per digit: an ordered row above an unordered
 row, one column per k, the original last) and ``prefix_psnr.png`` into ``--out``.
@@ -173,6 +176,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where the tokenizers and the AR model run (cpu, cuda, ...)")
     p.add_argument("--out", type=Path, default=Path("runs/prefix"))
+    p.add_argument(
+        "--bound",
+        nargs="*",
+        default=[],
+        help="checkpoints of tokenizers trained for fewer tokens, scored on their full sequences",
+    )
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     test, _ = load_mnist("test")
@@ -221,6 +230,14 @@ def main() -> None:
             for k in prefixes
         ]
         grid_rows[mode] = torch.stack([*decoded, digits], dim=1)  # (digits, columns, C, H, W)
+    bounds = []
+    for path in a.bound:
+        tok = V2FlowTokenizer.from_pretrained(path).to(a.device)
+        start = time.perf_counter()
+        ids = encode_images(tok, test, a.batch_size, desc=f"encoding (bound {path})")
+        full = prefix_quality(tok, test, ids, ids.shape[1], a.batch_size)
+        bounds.append({"checkpoint": path, "num_tokens": ids.shape[1], **full})
+        bounds[-1]["seconds"] = round(time.perf_counter() - start, 1)
     rows = torch.stack([grid_rows["ordered"], grid_rows["unordered"]], dim=1).flatten(0, 2)
     columns = grid_rows["ordered"].shape[1]
     save_image_grid(rows, a.out / "prefix_grid.png", nrow=columns)
@@ -240,8 +257,12 @@ def main() -> None:
         "gain_at_quarter_db_estimate": ordered_est.get(n // 4, nan)
         - max(unordered.get(n // 4, nan), unordered_est.get(n // 4, nan)),
     }
-    _plot(results, a.out / "prefix_psnr.png")
-    summary = {"test_images": len(test), "prefixes": ks, "checks": checks, "results": results}
+    quarter = [b["psnr"] for b in bounds if b["num_tokens"] == n // 4]
+    if quarter:  # the first N/4 ordered tokens against a tokenizer trained for N/4 tokens
+        checks["ordered_minus_bound_at_quarter_db"] = ordered.get(n // 4, nan) - quarter[0]
+        checks["ordered_estimate_minus_bound_at_quarter_db"] = ordered_est.get(n // 4, nan) - quarter[0]
+    _plot(results, bounds, a.out / "prefix_psnr.png")
+    summary = {"test_images": len(test), "prefixes": ks, "checks": checks, "results": results, "bounds": bounds}
     (a.out / "prefix.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary))
     print("\n| mode | " + " | ".join(f"k={k}" for k in ks) + " |\n|---|" + "---|" * len(ks))
@@ -250,6 +271,9 @@ def main() -> None:
     for mode in ("ordered", "unordered"):
         cells = " | ".join(f"{results[mode]['psnr_estimate'][k]:.2f}" for k in ks)
         print(f"| {mode} PSNR, prefix estimate (dB) | {cells} |")
+    for b in bounds:
+        cells = " | ".join(f"{b['psnr']:.2f}" if k == b["num_tokens"] else "" for k in ks)
+        print(f"| trained for {b['num_tokens']} tokens, full sequence (dB) | {cells} |")
     times = results["ordered"]["denoising"]["times"]
     print("\n| one-step x0 estimate, PSNR (dB) | " + " | ".join(f"t={t}" for t in times) + " |")
     print("|---|" + "---|" * len(times))
@@ -261,7 +285,7 @@ def main() -> None:
     print("| no tokens (null condition, unordered) | " + " | ".join(f"{v:.2f}" for v in d["psnr_null"]) + " |")
 
 
-def _plot(results: dict, path: Path) -> None:
+def _plot(results: dict, bounds: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,6 +301,9 @@ def _plot(results: dict, path: Path) -> None:
         axes[0].plot(ks, estimates, marker=".", linestyle="--", color=line.get_color(), label=f"{mode}: estimate")
         axes[1].plot(r["next_token_entropy_bits"], label=f"{mode}: next-token")
         axes[1].plot(r["position_entropy_bits"], linestyle=":", label=f"{mode}: marginal")
+    for b in bounds:
+        label = f"trained for {b['num_tokens']} tokens"
+        axes[0].plot([b["num_tokens"]], [b["psnr"]], marker="*", markersize=12, linestyle="", label=label)
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("prefix length k")
     axes[0].set_ylabel("PSNR (dB)")

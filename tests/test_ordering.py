@@ -389,6 +389,7 @@ def test_prefix_benchmark_runs_on_tiny_checkpoints(tmp_path):
     size = {"image_size": 32, "patch_size": 8}
     make_tokenizer(**size, token_order="ordered", truncation_prob=0.5).save_pretrained(tmp_path / "ordered")
     make_tokenizer(**size).save_pretrained(tmp_path / "unordered")
+    make_tokenizer(**size, num_tokens=1).save_pretrained(tmp_path / "bound")  # trained for N/4 = 1 token
     root = Path(__file__).resolve().parent.parent
     args = [sys.executable, str(root / "benchmarks" / "prefix.py"), "--ordered", str(tmp_path / "ordered")]
     args += ["--unordered", str(tmp_path / "unordered"), "--prefixes", "1", "2", "4", "--limit", "6"]
@@ -403,6 +404,8 @@ def test_prefix_benchmark_runs_on_tiny_checkpoints(tmp_path):
         "2",
         "--out",
         str(tmp_path / "out"),
+        "--bound",
+        str(tmp_path / "bound"),
     ]
     subprocess.run(args, check=True, cwd=root, capture_output=True)
     summary = json.loads((tmp_path / "out" / "prefix.json").read_text())
@@ -413,6 +416,10 @@ def test_prefix_benchmark_runs_on_tiny_checkpoints(tmp_path):
     assert ordered["psnr_estimate"]["4"] == ordered["psnr"]["4"]
     assert ordered["psnr_estimate"]["1"] != ordered["psnr"]["1"]
     assert set(summary["checks"]) >= {"gain_at_quarter_db", "gain_at_quarter_db_estimate", "gap_at_full_db"}
+    (bound,) = summary["bounds"]
+    assert bound["num_tokens"] == 1 and bound["checkpoint"] == str(tmp_path / "bound")
+    gap = summary["checks"]["ordered_minus_bound_at_quarter_db"]
+    assert gap == pytest.approx(ordered["psnr"]["1"] - bound["psnr"])
     assert (tmp_path / "out" / "prefix_grid.png").exists() and (tmp_path / "out" / "prefix_psnr.png").exists()
 
 
