@@ -50,8 +50,8 @@ DECODE = {"num_steps": 2, "temperature": 0.0}
 def parse_variant(spec: str) -> tuple[str, list[float], float, str, dict[str, str]]:
     """``NAME=STAGES:TRUNCATION_PROB:PREFIX_SAMPLING[:KEY=VALUE,...]`` -> (name, stages, truncation_prob,
     prefix_sampling, {key: value} of further tokenizer keys)."""
+    from v2flow import V2FlowTokenizer
     from v2flow.ordering import PREFIX_SAMPLING
-    from v2flow.tokenizer import _config_keys
 
     name, _, rest = spec.partition("=")
     parts = rest.split(":")
@@ -60,7 +60,7 @@ def parse_variant(spec: str) -> tuple[str, list[float], float, str, dict[str, st
             f"variant {spec!r} is not NAME=STAGES:TRUNCATION_PROB:SAMPLING[:KEY=VALUE,...], e.g. B=8,4,2,1,1:0.5:uniform"
         )
     extra = dict(item.partition("=")[::2] for item in parts[3].split(",")) if len(parts) == 4 else {}
-    unknown = sorted(k for k in extra if k not in _config_keys())
+    unknown = sorted(k for k in extra if k not in V2FlowTokenizer.config_keys())
     if unknown or not all(extra.values()):
         raise ValueError(
             f"variant {spec!r}: {unknown or 'an empty value'} in KEY=VALUE; keys are tokenizer config keys"

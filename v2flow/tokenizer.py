@@ -205,7 +205,8 @@ class V2FlowTokenizer(nn.Module):
         sample_shift: float = 1.0,
         sample_temperature: float = 1.0,
     ) -> None:
-        config = {k: v for k, v in locals().items() if k in _config_keys()}
+        keys = set(self.config_keys())
+        config = {k: v for k, v in locals().items() if k in keys}
         super().__init__()
         self.config = config
         if image_size % patch_size:
@@ -839,12 +840,17 @@ class V2FlowTokenizer(nn.Module):
         return replace_dir(tmp, path)
 
     @classmethod
+    def config_keys(cls) -> list[str]:
+        """The config keys: the constructor's keyword arguments, which are also the YAML keys."""
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @classmethod
     def from_config(cls, config: dict) -> V2FlowTokenizer:
         """Build an untrained tokenizer from a config dict; unknown keys raise."""
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(config) - set(_config_keys()))
+        unknown = sorted(set(config) - set(cls.config_keys()))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(_config_keys())}")
+            raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(cls.config_keys())}")
         return cls(**config)
 
     @classmethod
@@ -901,7 +907,3 @@ class V2FlowTokenizer(nn.Module):
                 )
             model.set_autoencoder(load_autoencoder(directory / AUTOENCODER_DIR))
         return model.to(map_location).eval()
-
-
-def _config_keys() -> list[str]:
-    return [p for p in inspect.signature(V2FlowTokenizer.__init__).parameters if p != "self"]
