@@ -10,7 +10,10 @@ or ``B2=8,4,2,1,1:0.5:uniform:interval_times=true``) and overrides ``order_stage
 config's, so variants differ only there. ``--parallel`` runs go through the project's Lightning
 CLI at once (``v2flow fit`` subprocesses; small models leave a GPU mostly idle, so several share it). A run
 stopped by ``--time-limit`` seconds is scored at the step it reached, which the table states: compare variants
-at equal steps only. ``--vocab-source checkpoints/mnist-smollm2-32`` takes the 4,096 SmolLM2 rows from the
+at equal steps only. Two runs of one config differed by 0.75 dB at k = N (``checkpoints/README.md``,
+session 12), so compare settings over several ``--seeds`` (``seed_everything`` values: each variant trains once
+per seed, as ``NAME_seedS``, and the table gives the mean over seeds and its standard deviation).
+``--vocab-source checkpoints/mnist-smollm2-32`` takes the 4,096 SmolLM2 rows from the
 shipped tokenizer (the same rows, in the same order, as ``smollm2`` with fps selection) on machines without
 the bundled LLM.
 
@@ -74,7 +77,13 @@ def parse_variant(spec: str) -> tuple[str, list[float], float, str, dict[str, st
     return name, stages, prob, parts[2], extra
 
 
-def fit_command(variant: tuple, a: argparse.Namespace) -> list[str]:
+def run_name(name: str, seed: int | None, seeds: list[int | None]) -> str:
+    """A variant's run directory: its name, suffixed by the seed when the sweep has several."""
+    return name if len(seeds) == 1 else f"{name}_seed{seed}"
+
+
+def fit_command(variant: tuple, a: argparse.Namespace, seed: int | None = None) -> list[str]:
+    """The ``v2flow fit`` command of one variant; `seed` (``seed_everything``) None keeps the config's."""
     name, stages, prob, sampling, extra = variant
     init = "--model.tokenizer.init_args."
     return [
@@ -85,19 +94,22 @@ def fit_command(variant: tuple, a: argparse.Namespace) -> list[str]:
         *(f"{init}prefix_sampling", sampling, f"{init}vocab_source", a.vocab_source),
         *(arg for key, value in extra.items() for arg in (f"{init}{key}", value)),
         *(["--trainer.max_steps", str(a.max_steps)] if a.max_steps else []),
+        *(["--seed_everything", str(seed)] if seed is not None else []),
     ]
 
 
 def train(variants: list[tuple], a: argparse.Namespace) -> None:
-    """Run the fits, at most `a.parallel` at a time, each stopped after `a.time_limit` seconds."""
-    pending, running = list(variants), []
+    """Run the fits (each variant once per seed), at most `a.parallel` at a time, each stopped after
+    `a.time_limit` seconds."""
+    pending = [(v, seed) for v in variants for seed in a.seeds]
+    running = []
     while pending or running:
         while pending and len(running) < a.parallel:
-            v = pending.pop(0)
+            (name, *rest), seed = pending.pop(0)
+            v = (run_name(name, seed, a.seeds), *rest)
             log = open(a.runs_dir / f"{v[0]}.log", "w")  # closed when the run ends
-            running.append(
-                (subprocess.Popen(fit_command(v, a), stdout=log, stderr=subprocess.STDOUT), log, time.time())
-            )
+            proc = subprocess.Popen(fit_command(v, a, seed), stdout=log, stderr=subprocess.STDOUT)
+            running.append((proc, log, time.time()))
         time.sleep(2)
         for proc, log, start in list(running):
             if proc.poll() is None and a.time_limit and time.time() - start > a.time_limit:
@@ -117,6 +129,17 @@ def score(tok, images: torch.Tensor, batch_size: int) -> dict[int, float]:
     return {k: round(prefix_quality(tok, images, ids, k, batch_size, **DECODE)["psnr"], 3) for k in ks}
 
 
+def over_seeds(per_seed: list[dict[int, float]]) -> tuple[dict[int, float], dict[int, float]]:
+    """Mean and sample standard deviation per prefix length over the seeds' PSNR (the std is 0 for one seed)."""
+    ks = sorted(per_seed[0])
+    values = torch.tensor([[psnr[k] for k in ks] for psnr in per_seed], dtype=torch.float64)  # (seeds, ks)
+    std = values.std(0) if len(per_seed) > 1 else torch.zeros(len(ks), dtype=torch.float64)
+    return (
+        {k: round(float(m), 3) for k, m in zip(ks, values.mean(0), strict=True)},
+        {k: round(float(d), 3) for k, d in zip(ks, std, strict=True)},
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
@@ -132,7 +155,13 @@ def main() -> None:
     p.add_argument("--runs-dir", type=Path, default=Path("runs/ordered_sweep"))
     p.add_argument("--skip-training", action="store_true", help="score the runs already in --runs-dir")
     p.add_argument("--json", type=Path, help="merge the results into this JSON file under 'ordered_sweep'")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", help="seed_everything of each variant's runs (default: the config's)"
+    )
     a = p.parse_args()
+    if a.seeds and len(set(a.seeds)) != len(a.seeds):
+        p.error(f"--seeds repeats a seed: {a.seeds}")
+    a.seeds = a.seeds or [None]
     variants = [parse_variant(s) for s in a.variants]
     a.runs_dir.mkdir(parents=True, exist_ok=True)
     if not a.skip_training:
@@ -148,20 +177,29 @@ def main() -> None:
     n = max(ref)
     results = {"unordered": {"checkpoint": a.unordered, "psnr": ref}}
     for name, stages, prob, sampling, extra in variants:
-        ckpts = sorted((a.runs_dir / name).glob("version_*/checkpoints/last.ckpt"))
-        if not ckpts:
-            print(f"{name}: no checkpoint in {a.runs_dir / name} (see {a.runs_dir / name}.log)", file=sys.stderr)
+        runs = []
+        for seed in a.seeds:
+            run = a.runs_dir / run_name(name, seed, a.seeds)
+            ckpts = sorted(run.glob("version_*/checkpoints/last.ckpt"))
+            if not ckpts:
+                print(f"{run.name}: no checkpoint in {run} (see {run}.log)", file=sys.stderr)
+                continue
+            step = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["global_step"]
+            tok = tokenizer_from_checkpoint(ckpts[-1], weights="ema").to(device)
+            runs.append({"seed": seed, "step": step, "psnr": score(tok, images, a.batch_size)})
+        if not runs:
             continue
-        step = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["global_step"]
-        psnr = score(tokenizer_from_checkpoint(ckpts[-1], weights="ema").to(device), images, a.batch_size)
+        psnr, psnr_std = over_seeds([r["psnr"] for r in runs])
         ks = sorted(psnr)
         results[name] = {
             "order_stages": stages,
             "truncation_prob": prob,
             "prefix_sampling": sampling,
             "overrides": extra,
-            "step": step,
+            "step": min(r["step"] for r in runs),
+            "seeds": runs,
             "psnr": psnr,
+            "psnr_std": psnr_std,
             "non_decreasing": all(psnr[j] >= psnr[i] for i, j in zip(ks[:-1], ks[1:], strict=True)),
             "margin_quarter_db": round(psnr[n // 4] - ref[n // 4], 3),
             "margin_full_db": round(psnr[n] - ref[n], 3),
@@ -170,6 +208,7 @@ def main() -> None:
     print(json.dumps(summary))
     ks = sorted(ref)
     print(
+        f"\nseeds per variant: {a.seeds} (None: the config's); step: the fewest any of a variant's runs reached"
         "\n| run | stages | trunc. | lengths | other | step | "
         + " | ".join(f"k={k}" for k in ks)
         + " | k=N/4 margin | k=N margin |"
@@ -179,7 +218,8 @@ def main() -> None:
     for name, r in results.items():
         if name != "unordered":
             stages = ", ".join(f"{s:g}" for s in r["order_stages"])
-            cells = " | ".join(f"{r['psnr'][k]:.2f}" for k in ks)
+            spread = len(r["seeds"]) > 1
+            cells = " | ".join(f"{r['psnr'][k]:.2f}" + (f" ± {r['psnr_std'][k]:.2f}" if spread else "") for k in ks)
             other = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
             print(
                 f"| {name} | {stages} | {r['truncation_prob']:g} | {r['prefix_sampling']} | {other} | {r['step']} "

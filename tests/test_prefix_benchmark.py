@@ -54,7 +54,18 @@ def test_sweep_variants_parse_and_override_only_the_ordering_keys():
     assert overrides["prefix_sampling"] == "pow2" and "--trainer.max_steps" not in command
     command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D2=8,4:0.3:pow2:interval_times=true"), args)
     overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[6::2], command[7::2], strict=False)}
-    assert overrides["interval_times"] == "true"
+    assert overrides["interval_times"] == "true" and "--seed_everything" not in command
+    command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D_seed3=8,4:0.3:pow2"), args, seed=3)
+    assert command[-2:] == ["--seed_everything", "3"]
+    assert ordered_sweep.run_name("D", 3, [3, 4]) == "D_seed3" and ordered_sweep.run_name("D", None, [None]) == "D"
+
+
+def test_sweep_averages_over_seeds():
+    from benchmarks import ordered_sweep
+
+    mean, std = ordered_sweep.over_seeds([{1: 14.0, 2: 16.0}, {1: 15.0, 2: 16.0}, {1: 16.0, 2: 16.0}])
+    assert mean == {1: 15.0, 2: 16.0} and std == {1: 1.0, 2: 0.0}
+    assert ordered_sweep.over_seeds([{1: 14.0}]) == ({1: 14.0}, {1: 0.0})
 
 
 def test_denoising_gain_scores_each_noise_level_and_hides_late_tokens():
