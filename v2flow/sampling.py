@@ -95,9 +95,9 @@ def _stretches(
 ) -> list[torch.Tensor | None]:
     """The time grids of the stretches between breakpoints, from t = 1 down to `end` ([]: `end` is 1;
     [None]: one stretch down to 0, the solver's own grid)."""
-    cuts = sorted({float(b) for b in breakpoints if end < float(b) < 1.0}, reverse=True)
     if end >= 1.0:
         return []
+    cuts = sorted({float(b) for b in breakpoints if end < float(b) < 1.0}, reverse=True)
     if not cuts and end == 0.0:
         return [None]
     if solver == "flow_match_euler":

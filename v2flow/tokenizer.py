@@ -848,9 +848,10 @@ class V2FlowTokenizer(nn.Module):
     def from_config(cls, config: dict) -> V2FlowTokenizer:
         """Build an untrained tokenizer from a config dict; unknown keys raise."""
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(config) - set(cls.config_keys()))
+        keys = cls.config_keys()
+        unknown = sorted(set(config) - set(keys))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(cls.config_keys())}")
+            raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(keys)}")
         return cls(**config)
 
     @classmethod
