@@ -55,6 +55,32 @@ def test_visibility_interval_is_where_the_visible_prefix_stays_the_same(stages):
     assert torch.equal(ends[0][:-1], ends[1][1:]) and ends[1][0] == 1.0 and ends[0][-1] == 0.0
 
 
+def test_visibility_with_kept_lengths_stops_growing_at_the_length():
+    schedule = OrderSchedule(32, (24, 4, 2, 1, 1))
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(5000, generator=g)
+    lengths = torch.randint(1, 33, (5000,), generator=g)
+    k = torch.minimum(schedule.num_visible(t), lengths)
+    assert torch.equal(schedule.visibility(t, lengths), torch.arange(32)[None] < k[:, None])
+    assert torch.equal(schedule.visibility(t, torch.full((5000,), 32)), schedule.visibility(t))
+    lo, hi = schedule.visibility_interval(t, lengths)
+    assert bool((lo <= t).all() and (t <= hi).all() and (lo < hi).all())
+    for frac in (0.0001, 0.5, 0.99):  # the kept prefix in play is the same anywhere inside the stretch
+        assert torch.equal(schedule.visibility(lo + frac * (hi - lo), lengths), schedule.visibility(t, lengths))
+    # once the whole kept prefix is in play (from the entry of its last token) it stays so down to the data;
+    # before, the stretch is the untruncated one
+    capped = k == lengths
+    assert bool((lo[capped] == 0).all())
+    entry = torch.where(lengths > 1, schedule.token_times()[lengths - 1], torch.ones(()))
+    assert torch.allclose(hi[capped], entry[capped], atol=1e-4)
+    plain = schedule.visibility_interval(t)
+    assert torch.equal(lo[~capped], plain[0][~capped]) and torch.equal(hi[~capped], plain[1][~capped])
+    with pytest.raises(ValueError, match=r"prefix lengths in \[1, 32\]"):
+        schedule.visibility(t[:2], torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="prefix lengths"):
+        schedule.visibility(t[:2], torch.tensor([3]))
+
+
 def test_visibility_mask_is_a_prefix():
     mask = OrderSchedule(8, (1, 1)).visibility(torch.tensor([1.0, 0.5, 0.25, 0.0]))
     assert mask.tolist() == [[i < k for i in range(8)] for k in (1, 5, 7, 8)]
@@ -180,6 +206,53 @@ def test_interval_times_stay_where_the_condition_holds_and_keep_the_time_distrib
     assert torch.equal(ordered_tokenizer()._patch_times(t, mask, g), t[:, None].expand(mask.shape)[mask])
     with pytest.raises(ValueError, match="interval_times applies to token_order='ordered' only"):
         ordered_tokenizer(token_order="unordered", order_stages=None, interval_times=True)
+
+
+def test_hidden_truncation_tail_hides_the_tail_in_training_and_draws_times_below_the_last_kept_token():
+    tok = ordered_tokenizer(
+        truncation_prob=1.0, truncation_tail="hidden", interval_times=True, batch_mul=2, mask_ratio_min=1.0
+    ).train()
+    assert tok.decoder.truncation_token is None  # nothing stands in for the tail: it is hidden
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen.update(kwargs)
+
+    handle = tok.decoder.register_forward_pre_hook(capture, with_kwargs=True)
+    flow_times = []
+    original = tok._flow_loss
+    tok._flow_loss = lambda x0, c, g, t=None: flow_times.append(t) or original(x0, c, g, t)
+    out = tok.loss(tiny_images(64, seed=2), generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    visible = seen["token_mask"]  # (B, N): a prefix of each sample, the tail hidden, no truncation token
+    assert seen["token_keep"] is None
+    lengths = visible.sum(1)
+    assert torch.equal(visible, torch.arange(4)[None] < lengths[:, None])
+    # every noise draw sits where its sample's condition holds: the kept prefix in play is the same there
+    times = flow_times[0]  # (2 * M,), draw-major; every patch is masked in this check
+    per_draw = visible.repeat_interleave(tok.num_patches, dim=0).repeat(2, 1)  # (2 * M, N)
+    assert times.shape[0] == per_draw.shape[0]
+    assert torch.equal(tok.schedule.visibility(times, per_draw.sum(1)), per_draw)
+    # and the whole prefix of a sample is in play at its draws in some samples, with draws far below its entry
+    assert bool((times < 0.3).any())
+
+
+def test_hidden_truncation_tail_decodes_prefixes_and_round_trips(tmp_path):
+    from v2flow import V2FlowTokenizer
+
+    tok = ordered_tokenizer(truncation_tail="hidden")
+    ids = tok.encode(tiny_images()).ids
+    tok.save_pretrained(tmp_path / "hidden")
+    loaded = V2FlowTokenizer.from_pretrained(tmp_path / "hidden")
+    assert loaded.config["truncation_tail"] == "hidden" and loaded.decoder.truncation_token is None
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for k in range(1, 5):
+        a = tok.decode(ids[:, :k], num_steps=2, generator=g()).images
+        assert a.shape == (3, 1, 8, 8) and torch.equal(a, loaded.decode(ids[:, :k], num_steps=2, generator=g()).images)
+    with pytest.raises(ValueError, match="unknown truncation_tail 'masked'; choose one of"):
+        ordered_tokenizer(truncation_tail="masked")
 
 
 def test_interval_times_training_loss_backpropagates():

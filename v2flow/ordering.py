@@ -23,6 +23,7 @@ import torch
 
 SELFTOK_STAGES = (16.0, 48.0, 72.0, 184.0, 192.0)
 PREFIX_SAMPLING = ("uniform", "pow2")
+TRUNCATION_TAILS = ("token", "hidden")
 _SLACK = 1e-4  # in tokens, see OrderSchedule.num_visible
 
 
@@ -73,16 +74,25 @@ class OrderSchedule:
         fractions = torch.arange(self.num_tokens, dtype=torch.float64) / self.num_tokens
         return (1.0 - _interp(fractions, self.knots_f, self.knots_s)).float()
 
-    def visibility_interval(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def visibility_interval(
+        self, t: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stretch (lo, hi] of noise levels around each t (B,) over which the visible prefix stays that of t.
+
+        Args:
+            t: (B,) noise levels.
+            lengths: (B,) long prefix lengths in [1, N] that each sample keeps (nested truncation with a hidden
+                tail, see :meth:`visibility`); None keeps all N. A truncated sample's prefix stops growing at
+                its length, so its stretch runs down to 0 once the whole prefix is in play.
 
         Returns:
             lo, hi: (B,) float32 with lo <= t <= hi; ``visibility`` is the same at every level in (lo, hi]
             (up to float32 rounding at the ends).
         """
-        k = self.num_visible(t)  # (B,), in [1, N], on t's device
+        k = self._visible_count(t, lengths)  # (B,), in [1, N], on t's device
+        cap = torch.full_like(k, self.num_tokens) if lengths is None else lengths.to(k.device)
         hi = torch.where(k > 1, self._enter_level(k - 1), torch.ones_like(k, dtype=torch.float64))
-        lo = torch.where(k < self.num_tokens, self._enter_level(k), torch.zeros_like(k, dtype=torch.float64))
+        lo = torch.where(k < cap, self._enter_level(k), torch.zeros_like(k, dtype=torch.float64))
         return lo.float(), hi.float()
 
     def _enter_level(self, j: torch.Tensor) -> torch.Tensor:
@@ -90,10 +100,20 @@ class OrderSchedule:
         fraction = ((j.double() - _SLACK) / self.num_tokens).clamp(0.0, 1.0)
         return 1.0 - _interp(fraction, self.knots_f, self.knots_s)
 
-    def visibility(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, N) bool: which tokens the decoder may see at per-sample noise levels t (B,)."""
-        k = self.num_visible(t)  # (B,)
+    def visibility(self, t: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) bool: which tokens the decoder may see at per-sample noise levels t (B,); with `lengths` (B,)
+        (samples that keep only a prefix), only the tokens of that prefix: min(k(t), length) of them."""
+        k = self._visible_count(t, lengths)  # (B,)
         return torch.arange(self.num_tokens, device=k.device)[None, :] < k[:, None]
+
+    def _visible_count(self, t: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        k = self.num_visible(t)  # (B,)
+        if lengths is None:
+            return k
+        lengths = torch.as_tensor(lengths, device=k.device)
+        if lengths.shape != k.shape or bool(((lengths < 1) | (lengths > self.num_tokens)).any()):
+            raise ValueError(f"lengths must be (B,) = {tuple(k.shape)} prefix lengths in [1, {self.num_tokens}]")
+        return torch.minimum(k, lengths.long())
 
     def __repr__(self) -> str:
         return f"OrderSchedule(num_tokens={self.num_tokens}, stage_tokens={self.stage_tokens})"

@@ -28,7 +28,7 @@ from .encoder import QueryEncoder
 from .first_stage import build_first_stage
 from .layers import patchify, unpatchify
 from .masked_transformer import MaskedTransformer
-from .ordering import PREFIX_SAMPLING, SELFTOK_STAGES, OrderSchedule, sample_prefix_lengths
+from .ordering import PREFIX_SAMPLING, SELFTOK_STAGES, TRUNCATION_TAILS, OrderSchedule, sample_prefix_lengths
 from .resampler import VocabularyResampler, perplexity
 from .sampling import SOLVERS, masked_flow_sample
 from .utils import replace_dir
@@ -135,9 +135,16 @@ class V2FlowTokenizer(nn.Module):
             :mod:`v2flow.ordering`).
         order_stages: relative token counts of equal stretches of the trajectory, noisiest first (ordered
             mode; default Selftok's 16, 48, 72, 184, 192).
-        truncation_prob: probability that a training sample keeps only a random prefix of its tokens, the
-            tail replaced by a learned truncation token (nested truncation: any prefix then decodes).
+        truncation_prob: probability that a training sample keeps only a random prefix of its tokens (nested
+            truncation: any prefix then decodes).
         prefix_sampling: ``"uniform"`` or ``"pow2"``: how the kept prefix length is drawn.
+        truncation_tail: what stands in for the tail of a truncated sample, in training and when a prefix is
+            decoded: ``"token"``, a learned truncation token at every tail position the sample would otherwise
+            see ("these tokens exist and are unknown"), or ``"hidden"``, the tail hidden like tokens that have
+            not entered yet (attention key mask, zeroed embeddings). In ordered mode ``"hidden"`` makes a
+            prefix of k tokens at a low noise level the same condition as the k tokens in play at the level
+            where token k enters, so the untruncated samples train it too; with ``interval_times`` a truncated
+            sample's noise draws then span every level below the entry of its last token.
         interval_times: ordered mode: every noise draw of every masked patch takes its own training time
             inside the stretch of noise levels where its sample's visible tokens stay the same (from the
             training time distribution restricted to that stretch), instead of the sample's one time. The
@@ -197,6 +204,7 @@ class V2FlowTokenizer(nn.Module):
         order_stages: list[float] | None = None,
         truncation_prob: float = 0.0,
         prefix_sampling: str = "uniform",
+        truncation_tail: str = "token",
         interval_times: bool = False,
         sample_steps: int = 8,
         sample_solver: str = "euler",
@@ -238,6 +246,8 @@ class V2FlowTokenizer(nn.Module):
             raise ValueError("interval_times applies to token_order='ordered' only")
         if prefix_sampling not in PREFIX_SAMPLING:
             raise ValueError(f"unknown prefix_sampling {prefix_sampling!r}; choose one of {PREFIX_SAMPLING}")
+        if truncation_tail not in TRUNCATION_TAILS:
+            raise ValueError(f"unknown truncation_tail {truncation_tail!r}; choose one of {TRUNCATION_TAILS}")
         self.schedule = OrderSchedule(num_tokens, order_stages or SELFTOK_STAGES) if token_order == "ordered" else None
         if sample_solver == "dopri5" and sample_shift != 1.0:
             raise ValueError("sample_shift changes fixed-step grids only; use sample_shift=1.0 with dopri5")
@@ -293,7 +303,7 @@ class V2FlowTokenizer(nn.Module):
             decoder_depth=decoder_depth,
             num_heads=decoder_heads,
             cond_drop_prob=cond_drop_prob,
-            truncation=truncation_prob > 0,
+            truncation=truncation_prob > 0 and truncation_tail == "token",
         )
         self.head = VelocityHead(patch_dim=self.patch_dim, cond_dim=decoder_dim, width=head_width, depth=head_depth)
         # auxiliary: each patch condition predicts its patch (absent when unused: DDP needs every parameter used)
@@ -520,12 +530,15 @@ class V2FlowTokenizer(nn.Module):
         mask = self.sample_mask(b, device, generator)
         drop = _rand((b,), generator, device) < self.config["cond_drop_prob"]
         t, visible = self._ordered_times(b, device, generator)
-        keep = self._truncation(b, device, generator) if self.training else None
+        keep = self._truncation(b, device, generator) if self.training else None  # (B, N) or None
+        lengths = None
+        if keep is not None and self.config["truncation_tail"] == "hidden":
+            lengths, visible, keep = keep.sum(1), keep if visible is None else visible & keep, None
         cond = self.decoder(
             out.embeddings, patches, mask, drop if self.training else None, token_mask=visible, token_keep=keep
         )  # (B, L, D)
         x0, c = patches[mask], cond[mask]  # (M, P), (M, D)
-        parts = {"flow": self._flow_loss(x0, c, generator, self._patch_times(t, mask, generator))}
+        parts = {"flow": self._flow_loss(x0, c, generator, self._patch_times(t, mask, generator, lengths))}
         if self.patch_predictor is not None:
             keep = (mask & ~drop[:, None]) if self.training else mask  # (B, L)
             # a masked mean, not mse_loss on a selection: a batch whose every sample dropped its tokens gives 0, not NaN
@@ -551,17 +564,23 @@ class V2FlowTokenizer(nn.Module):
         return t, self.schedule.visibility(t)
 
     def _patch_times(
-        self, t: torch.Tensor | None, mask: torch.Tensor, generator: torch.Generator | None
+        self,
+        t: torch.Tensor | None,
+        mask: torch.Tensor,
+        generator: torch.Generator | None,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Ordered mode: the flow loss's times for the masked patches of samples at levels t (B,): (M,), each
         patch at its sample's level, or with ``interval_times`` (batch_mul * M,), one per noise draw, drawn
-        inside the stretch where the sample's visible tokens stay the same. None in unordered mode."""
+        inside the stretch where the sample's visible tokens stay the same (with `lengths` (B,), the prefix
+        lengths of samples truncated with a hidden tail, the visible tokens are min(k(t), length) of them).
+        None in unordered mode."""
         if t is None:
             return None
         cfg = self.config
         if not cfg["interval_times"]:
             return t[:, None].expand(mask.shape)[mask]  # (M,)
-        lo, hi = self.schedule.visibility_interval(t)  # (B,) each
+        lo, hi = self.schedule.visibility_interval(t, lengths)  # (B,) each
         # float64: near t = 1 the CDF is within 1e-6 of 1, where float32 would leave a stretch a few values
         lo, hi = (
             repeat(x[:, None].expand(mask.shape)[mask], "m -> (r m)", r=cfg["batch_mul"]).double() for x in (lo, hi)
@@ -674,7 +693,7 @@ class V2FlowTokenizer(nn.Module):
         mask-schedule iterations. Settings left as None take the config's ``sample_*`` defaults.
 
         A prefix (B, k), 1 <= k <= N, decodes too: its tail is replaced by the truncation token when the model
-        was trained with nested truncation, and hidden otherwise. In ordered mode the transformer runs once per
+        was trained with nested truncation and ``truncation_tail="token"``, and hidden otherwise. In ordered mode the transformer runs once per
         stretch between the noise levels where the visible tokens change (and per mask iteration), and the
         fixed-grid solvers step on the union of their grid and those levels.
 
