@@ -1,6 +1,7 @@
 """Reconstruction quality of a pretrained tokenizer on the MNIST test split (10k digits by default).
 
     python benchmarks/reconstruction.py --checkpoint checkpoints/mnist-smollm2-32 [--num-steps 8 --solver euler]
+    python benchmarks/reconstruction.py --checkpoint checkpoints/mnist-ordered-32 --split val --prefix 8
 
 Streams the split in batches (bounded memory) with a progress bar; prints JSON and a markdown table row.
 `shuffle_gap` is the relative increase of the flow loss on the first 500 images when their tokens are
@@ -26,11 +27,15 @@ from v2flow.metrics import ReconstructionMetrics, evaluate_tokenizer
 from v2flow.sampling import SOLVERS
 
 
-def evaluate(tok: V2FlowTokenizer, images: torch.Tensor, batch_size: int, seed: int, **decode) -> dict:
+def evaluate(
+    tok: V2FlowTokenizer, images: torch.Tensor, batch_size: int, seed: int, prefix: int | None = None, **decode
+) -> dict:
     generator = torch.Generator().manual_seed(seed)
     batches = tqdm(images.split(batch_size), desc="reconstruct", unit="batch")
     start = time.perf_counter()
-    metrics = evaluate_tokenizer(tok, batches, ReconstructionMetrics(), generator=generator, **decode).compute()
+    metrics = evaluate_tokenizer(
+        tok, batches, ReconstructionMetrics(), prefix=prefix, generator=generator, **decode
+    ).compute()
     seconds = time.perf_counter() - start
     useful = tok.token_usefulness(images[:500])
     return {**metrics, "shuffle_gap": useful["shuffle_gap"], "seconds": seconds}
@@ -48,6 +53,13 @@ def main() -> None:
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--shift", type=float, default=None, help="timestep shift of the ODE grid")
+    p.add_argument(
+        "--prefix",
+        type=int,
+        default=None,
+        help="decode only the first k tokens (an ordered tokenizer's prefix; unordered ones need --allow-truncation)",
+    )
+    p.add_argument("--allow-truncation", action="store_true", help="decode a prefix of an unordered tokenizer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     a = p.parse_args()
@@ -73,20 +85,27 @@ def main() -> None:
         "shift": "shift",
     }
     used = {k: (v if v is not None else tok.config[f"sample_{keys[k]}"]) for k, v in decode.items()}
+    if a.prefix is not None and tok.schedule is None and not a.allow_truncation:
+        p.error(
+            f"{a.checkpoint} is unordered: its prefixes are not coarse images; pass --allow-truncation to mask its tail"
+        )
+    if a.allow_truncation:
+        decode["allow_truncation"] = True
     result = {
         "checkpoint": a.checkpoint,
         "split": a.split,
+        "prefix": a.prefix or tok.config["num_tokens"],
         "decode": used,
-        **evaluate(tok, images, a.batch_size, a.seed, **decode),
+        **evaluate(tok, images, a.batch_size, a.seed, a.prefix, **decode),
     }
     print(json.dumps(result, indent=1))
     print(
-        "\n| checkpoint | split | images | steps | solver | iters | cfg | temperature | shift | PSNR (dB) | SSIM | distinct ids "
+        "\n| checkpoint | split | images | tokens | steps | solver | iters | cfg | temperature | shift | PSNR (dB) | SSIM | distinct ids "
         "| perplexity | bits/image |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {a.checkpoint} | {a.split} | {result['num_images']} | {used['num_steps']} | {used['solver']} | {used['num_iters']} | "
+        f"| {a.checkpoint} | {a.split} | {result['num_images']} | {result['prefix']} | {used['num_steps']} | {used['solver']} | {used['num_iters']} | "
         f"{used['cfg_scale']} | {used['temperature']} | {used['shift']} | {result['psnr']:.2f} | {result['ssim']:.4f} | {result['distinct_ids']} | "
         f"{result['perplexity']:.0f} | {result['bits_per_image']:.0f} |"
     )

@@ -19,6 +19,7 @@ from v2flow.metrics import (
     InceptionFeatures,
     ReconstructionMetrics,
     entropy_bits,
+    evaluate_tokenizer,
     frechet_distance_gaussians,
     inception_extractor,
     ms_ssim_settings,
@@ -217,6 +218,22 @@ def test_token_statistics_on_hand_made_ids():
     assert (r["distinct_ids"], r["bits_per_image"], r["position_entropy_bound"]) == (4, 4.0, 2.0)
     assert "psnr" not in r and r["num_token_images"] == 4
     assert entropy_bits(torch.tensor([[2, 2], [4, 0]])).tolist() == [1.0, 0.0]
+
+
+def test_evaluate_tokenizer_scores_a_prefix_and_counts_every_token():
+    tok = make_tokenizer(token_order="ordered", order_stages=[1, 3])
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    r = evaluate_tokenizer(tok, images.split(3), ReconstructionMetrics(), prefix=2, num_steps=2, generator=g())
+    r = r.compute()
+    generator = g()  # the same stream, batch by batch, as the evaluation drew it
+    decoded = [tok.decode(tok.encode(x).ids[:, :2], num_steps=2, generator=generator).images for x in images.split(3)]
+    expected = ReconstructionMetrics()
+    expected.update(torch.cat(decoded), images)
+    assert r["psnr"] == pytest.approx(expected.compute()["psnr"], abs=1e-5)
+    assert len(r["per_position_entropy"]) == 4  # token statistics over the whole sequence
+    full = evaluate_tokenizer(tok, images.split(3), ReconstructionMetrics(), num_steps=2, generator=g()).compute()
+    assert full["psnr"] != r["psnr"]
 
 
 def test_bad_tokens_are_refused():

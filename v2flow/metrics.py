@@ -488,6 +488,7 @@ def evaluate_tokenizer(
     tokenizer: nn.Module,
     batches: Iterable[Tensor],
     metrics: ReconstructionMetrics,
+    prefix: int | None = None,
     **decode_kwargs: Any,
 ) -> ReconstructionMetrics:
     """Encode and decode every batch of `batches` ((B, C, H, W) in [-1, 1], moved to the tokenizer's device)
@@ -499,6 +500,8 @@ def evaluate_tokenizer(
             ``config["codebook_size"]``: a :class:`~v2flow.baseline.VQTokenizer` works too).
         batches: the input stream; memory stays bounded by one batch plus the metric states.
         metrics: the accumulator.
+        prefix: decode only the first `prefix` tokens of each sequence (token statistics still count all of
+            them); None decodes the whole sequence.
         decode_kwargs: for ``decode`` (``num_steps``, ``solver``, ``generator``, ...).
     """
     device = next(tokenizer.parameters()).device
@@ -507,7 +510,8 @@ def evaluate_tokenizer(
     for images in batches:
         images = images.to(device)
         encoded = tokenizer.encode(images)
-        recon = tokenizer.decode(encoded.ids, **decode_kwargs).images
+        ids = encoded.ids if prefix is None else encoded.ids[:, :prefix]
+        recon = tokenizer.decode(ids, **decode_kwargs).images
         metrics.update(recon, images)
         metrics.update_tokens(encoded.indices, num_codes)
     return metrics
