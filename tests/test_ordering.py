@@ -255,6 +255,23 @@ def test_hidden_truncation_tail_decodes_prefixes_and_round_trips(tmp_path):
         ordered_tokenizer(truncation_tail="masked")
 
 
+def test_hidden_truncation_tail_in_unordered_mode_hides_the_tail_of_truncated_samples():
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer(truncation_prob=1.0, truncation_tail="hidden").train()
+    assert tok.decoder.truncation_token is None
+    seen = {}
+    handle = tok.decoder.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    out = tok.loss(tiny_images(8), generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    out.loss.backward()
+    lengths = seen["token_mask"].sum(1)  # every sample truncated: a prefix visible, the rest hidden
+    assert seen["token_keep"] is None and bool((lengths >= 1).all()) and bool((lengths < 4).any())
+    assert torch.equal(seen["token_mask"], torch.arange(4)[None] < lengths[:, None])
+    ids = tok.encode(tiny_images()).ids
+    assert tok.decode(ids[:, :2], allow_truncation=True).images.shape == (3, 1, 8, 8)
+
+
 def test_interval_times_training_loss_backpropagates():
     tok = ordered_tokenizer(interval_times=True).train()
     out = tok.loss(tiny_images(4), generator=torch.Generator().manual_seed(0))

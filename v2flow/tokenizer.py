@@ -142,8 +142,8 @@ class V2FlowTokenizer(nn.Module):
             decoded: ``"token"``, a learned truncation token at every tail position the sample would otherwise
             see ("these tokens exist and are unknown"), or ``"hidden"``, the tail hidden like tokens that have
             not entered yet (attention key mask, zeroed embeddings). In ordered mode ``"hidden"`` makes a
-            prefix of k tokens at a low noise level the same condition as the k tokens in play at the level
-            where token k enters, so the untruncated samples train it too; with ``interval_times`` a truncated
+            prefix of k tokens at a low noise level the same condition as the k tokens in play just above the
+            level where token k enters, so the untruncated samples train it too; with ``interval_times`` a truncated
             sample's noise draws then span every level below the entry of its last token.
         interval_times: ordered mode: every noise draw of every masked patch takes its own training time
             inside the stretch of noise levels where its sample's visible tokens stay the same (from the
