@@ -89,8 +89,7 @@ class OrderSchedule:
             lo, hi: (B,) float32 with lo <= t <= hi; ``visibility`` is the same at every level in (lo, hi]
             (up to float32 rounding at the ends).
         """
-        k = self._visible_count(t, lengths)  # (B,), in [1, N], on t's device
-        cap = torch.full_like(k, self.num_tokens) if lengths is None else lengths.to(k.device)
+        k, cap = self._visible_count(t, lengths)  # (B,) each: visible and most visible, in [1, N], on t's device
         hi = torch.where(k > 1, self._enter_level(k - 1), torch.ones_like(k, dtype=torch.float64))
         lo = torch.where(k < cap, self._enter_level(k), torch.zeros_like(k, dtype=torch.float64))
         return lo.float(), hi.float()
@@ -103,17 +102,18 @@ class OrderSchedule:
     def visibility(self, t: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) bool: which tokens the decoder may see at per-sample noise levels t (B,); with `lengths` (B,)
         (samples that keep only a prefix), only the tokens of that prefix: min(k(t), length) of them."""
-        k = self._visible_count(t, lengths)  # (B,)
+        k, _ = self._visible_count(t, lengths)  # (B,)
         return torch.arange(self.num_tokens, device=k.device)[None, :] < k[:, None]
 
-    def _visible_count(self, t: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    def _visible_count(self, t: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) long each: how many tokens are visible at t, and how many a sample keeps (N without `lengths`)."""
         k = self.num_visible(t)  # (B,)
         if lengths is None:
-            return k
-        lengths = torch.as_tensor(lengths, device=k.device)
+            return k, torch.full_like(k, self.num_tokens)
+        lengths = torch.as_tensor(lengths, device=k.device).long()
         if lengths.shape != k.shape or bool(((lengths < 1) | (lengths > self.num_tokens)).any()):
             raise ValueError(f"lengths must be (B,) = {tuple(k.shape)} prefix lengths in [1, {self.num_tokens}]")
-        return torch.minimum(k, lengths.long())
+        return torch.minimum(k, lengths), lengths
 
     def __repr__(self) -> str:
         return f"OrderSchedule(num_tokens={self.num_tokens}, stage_tokens={self.stage_tokens})"
