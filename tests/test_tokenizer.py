@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -155,7 +156,7 @@ def test_images_are_not_silently_clipped(tokenizer):
     "ids, match",
     [
         (torch.zeros(2, 4), "integer"),
-        (torch.zeros(2, 5, dtype=torch.long), "longer than this tokenizer.s N = 4"),
+        (torch.zeros(2, 5, dtype=torch.long), "this tokenizer writes N = 4: they come from a different tokenizer"),
         (torch.zeros(2, 4, 1, dtype=torch.long), r"shape \(B, 4\)"),
         (torch.full((2, 4), 10_000), "not token ids"),
         (torch.full((2, 4), -1), "not token ids"),
@@ -181,7 +182,7 @@ def test_constructor_validates():
         V2FlowTokenizer(**{**TINY, "encoder_dim": 18, "encoder_heads": 4})
     with pytest.raises(ValueError, match="unknown quantizer"):
         V2FlowTokenizer(**{**TINY, "quantizer": "lfq"})
-    with pytest.raises(ValueError, match="unknown sample_solver"):
+    with pytest.raises(ValueError, match="sample_\\* decode defaults are invalid: unknown solver"):
         V2FlowTokenizer(**{**TINY, "sample_solver": "heun"})
     with pytest.raises(ValueError, match="gumbel=True applies only"):
         V2FlowTokenizer(**{**TINY, "gumbel": True})
@@ -222,3 +223,70 @@ def test_zero_temperature_is_deterministic(tokenizer, images):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="temperature"):
         tokenizer.decode(ids, temperature=-1.0)
+
+
+# ---------------------------------------------------------------------------- clear errors and warnings
+
+
+def test_wrongly_typed_config_value_is_named(tokenizer):
+    with pytest.raises(ValueError, match=r"patch_size='four' \(str; expected int\)"):
+        V2FlowTokenizer.from_config({**tokenizer.config, "patch_size": "four"})
+    with pytest.raises(ValueError, match=r"num_tokens=4.0 \(float; expected int\)"):
+        V2FlowTokenizer.from_config({**tokenizer.config, "num_tokens": 4.0})
+    V2FlowTokenizer.from_config({**tokenizer.config, "temperature": 1})  # an int where a float goes is fine
+
+
+def test_damaged_pretrained_directories_are_named(tokenizer, tmp_path):
+    path = tokenizer.save_pretrained(tmp_path / "tok")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file .* truncated"):
+        V2FlowTokenizer.from_pretrained(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        V2FlowTokenizer.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="is a file; a pretrained tokenizer is a directory"):
+        V2FlowTokenizer.from_pretrained(path / "vocab.json")
+
+
+def test_hub_id_without_network_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not a local directory, and fetching it as a Hugging Face Hub"):
+        V2FlowTokenizer.from_pretrained("no-such-owner/no-such-tokenizer")
+
+
+def test_range_error_shows_the_values_that_are_out(tokenizer):
+    images = torch.full((1, 1, 8, 8), 0.5)
+    images[0, 0, 0, 0] = -1.0014  # beyond the tolerance, but "-1" at 3 significant digits
+    with pytest.raises(ValueError, match=r"got values in \[-1.0014, 0.5\]"):
+        tokenizer.encode(images)
+
+
+def test_off_distribution_input_warns(tokenizer, images):
+    from v2flow.checks import image_features, input_statistics
+
+    # training data: dark images with a little bright ink, like MNIST
+    g = torch.Generator().manual_seed(0)
+    train = -0.8 + 0.3 * torch.rand(200, 1, 8, 8, generator=g)
+    tokenizer.config["input_statistics"] = input_statistics(image_features(train), "dark test images")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenizer.encode(train[:4])  # like the training data: silent
+    for wrong in ((train[:4] + 1) / 2, -train[:4]):  # [0, 1] instead of [-1, 1]; inverted
+        with pytest.warns(UserWarning, match=r"4 of 4 images look unlike .*\(dark test images\)"):
+            tokenizer.encode(wrong)
+    with pytest.raises(ValueError, match="input_statistics must be a dict"):
+        V2FlowTokenizer.from_config({**tokenizer.config, "input_statistics": {"mean": 0}})
+
+
+def test_shipped_checkpoints_know_their_data():
+    from v2flow.data import load_mnist
+
+    tok = V2FlowTokenizer.from_pretrained("checkpoints/mnist-smollm2-32")
+    assert "MNIST" in tok.config["input_statistics"]["data"]
+    digits = load_mnist("test")[0][:64]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok.encode(digits)
+    with pytest.warns(UserWarning, match="look unlike"):
+        tok.encode((digits + 1) / 2)

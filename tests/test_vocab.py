@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -105,12 +107,63 @@ def test_trained_tokenizer_directory_shares_its_rows(tmp_path):
         LLMVocabulary.load(str(tmp_path / "tok"))
 
 
-def test_shipped_tokenizer_holds_the_bundled_fps_rows():
-    """`vocab_source: checkpoints/mnist-smollm2-32` trains on exactly the rows `smollm2` with fps would give."""
+# sha256 of the comma-separated LLM ids that `LLMVocabulary.load("smollm2", 4096, "fps")` selects, in order
+BUNDLED_FPS_4096 = "dec9093d78d3881b6e4c368cb787d7b4fa8eca6ac3d85d302eb46b7e6f0cc97c"
+
+
+def _ids_digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(",".join(map(str, ids.tolist())).encode()).hexdigest()
+
+
+def test_bundled_fps_selection_is_the_same_on_every_machine():
+    """The selection is exact integer arithmetic, so the same rows come out in the same order on any CPU."""
     bundled = LLMVocabulary.load("smollm2", num_entries=4096, selection="fps")
-    shipped = LLMVocabulary.load("checkpoints/mnist-smollm2-32", num_entries=4096, selection="fps")
-    assert torch.equal(shipped.embeddings, bundled.embeddings) and torch.equal(shipped.token_ids, bundled.token_ids)
+    assert _ids_digest(bundled.token_ids) == BUNDLED_FPS_4096
+    # the shipped tokenizer was trained on the same 4,096 rows; training on its directory reuses its own order
+    shipped = LLMVocabulary.load("checkpoints/mnist-smollm2-32")
+    assert set(shipped.token_ids.tolist()) == set(bundled.token_ids.tolist())
     assert (shipped.llm_name, shipped.llm_vocab_size) == (bundled.llm_name, bundled.llm_vocab_size)
+    order = {i: r for r, i in enumerate(shipped.token_ids.tolist())}
+    rows = torch.tensor([order[i] for i in bundled.token_ids.tolist()])
+    assert torch.equal(shipped.embeddings[rows], bundled.embeddings)
+
+
+def test_farthest_point_ties_go_to_the_lowest_index():
+    # four unit directions: every pick after the first has two candidates at the same distance
+    rows = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0], [-1.0, 0.0]])
+    assert farthest_point_indices(rows, 4).tolist() == [0, 2, 1, 3]
+    swapped = rows[[0, 3, 2, 1]]  # the tied pair in the other order: still the lower index first
+    assert farthest_point_indices(swapped, 4).tolist() == [0, 2, 1, 3]
+
+
+def test_farthest_point_does_not_depend_on_threads_or_layout():
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(3000, 96, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = farthest_point_indices(rows, 200)
+        torch.set_num_threads(max(2, threads))
+        multi = farthest_point_indices(rows.t().contiguous().t(), 200)  # column-major copy: other kernels
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, multi)
+
+
+def test_selection_cache_is_keyed_by_the_rule(tmp_path, monkeypatch):
+    from v2flow import vocab as vocab_module
+
+    monkeypatch.setenv("V2FLOW_CACHE", str(tmp_path))
+    save_file(
+        {"embeddings": torch.randn(40, 8, generator=torch.Generator().manual_seed(0))}, tmp_path / "t.safetensors"
+    )
+    first = LLMVocabulary.load(str(tmp_path / "t.safetensors"), num_entries=5)
+    (cached,) = (tmp_path / "selections").iterdir()
+    assert vocab_module.FPS_RULE in cached.name
+    torch.save(torch.arange(5), cached)  # a stale selection under the current rule's key is what gets reused ...
+    assert torch.equal(LLMVocabulary.load(str(tmp_path / "t.safetensors"), num_entries=5).token_ids, torch.arange(5))
+    monkeypatch.setattr(vocab_module, "FPS_RULE", "fps-another-rule")  # ... but a changed rule never reads it
+    assert torch.equal(LLMVocabulary.load(str(tmp_path / "t.safetensors"), num_entries=5).token_ids, first.token_ids)
 
 
 def test_farthest_point_is_deterministic_and_spread():

@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checks import check_image_range
 from .resampler import perplexity
-from .tokenizer import RANGE_TOLERANCE, DecodeOutput, ReconstructOutput
+from .tokenizer import DecodeOutput, ReconstructOutput
 from .training import TokenizerEvalModule, adamw_warmup_cosine
 from .utils import replace_dir
 
@@ -247,11 +248,7 @@ class VQTokenizer(nn.Module):
                 f"images are {images.dtype} on {images.device} but this tokenizer computes in {weight.dtype} on "
                 f"{weight.device}; use images.to({weight.dtype}).to('{weight.device}')"
             )
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or inf values; replace or drop those images first")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-            raise ValueError(f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        check_image_range(images)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         n, k = self.num_tokens, self.num_codes

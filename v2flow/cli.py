@@ -33,9 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-TOOL_COMMANDS = ("export", "encode", "decode", "reconstruct", "evaluate", "cache-latents")
+TOOL_COMMANDS = ("export", "encode", "decode", "reconstruct", "evaluate", "calibrate", "cache-latents")
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TASKS = {
+    "lm": "fine-tune a causal LLM to write image tokens (configs/lm_mnist.yaml)",
+    "classifier": "the MNIST digit judge (configs/classifier_mnist.yaml)",
+    "vq": "the diffusers VQModel baseline (configs/vq_mnist_16.yaml)",
+}
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True, task: str = "tokenizer"):
@@ -60,15 +67,18 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, task: str = "
             if task == "lm":  # one image tokenizer for the LM and its cached tokens
                 parser.link_arguments("model.image_tokenizer", "data.init_args.image_tokenizer")
 
-    return CLI(
-        module,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    with warnings.catch_warnings():
+        # `args` is how `v2flow lm fit ...` hands Lightning the words after the task name, on purpose
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        return CLI(
+            module,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            parser_kwargs={"parser_mode": "omegaconf", "prog": "v2flow" if task == "tokenizer" else f"v2flow {task}"},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
 
 
 def _decode_options(p: argparse.ArgumentParser) -> None:
@@ -80,22 +90,47 @@ def _decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None, help="scale of the starting noise")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the decode's noise and reveal order")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
 
 
-def _decode_kwargs(a: argparse.Namespace, device: str):
+def _decode_kwargs(a: argparse.Namespace, tokenizer) -> dict:
+    """The decode keywords of the command line: the checkpoint's defaults with the given options over them
+    (:meth:`v2flow.settings.DecodeSettings.resolve`), and a generator seeded with ``--seed``."""
     import torch
 
-    return {
-        "num_steps": a.num_steps,
-        "solver": a.solver,
-        "num_iters": a.num_iters,
-        "cfg_scale": a.cfg_scale,
-        "shift": a.shift,
-        "temperature": a.temperature,
-        "generator": torch.Generator(device=device).manual_seed(a.seed),
-    }
+    settings = tokenizer.decode_defaults.resolve(
+        num_steps=a.num_steps,
+        solver=a.solver,
+        num_iters=a.num_iters,
+        cfg_scale=a.cfg_scale,
+        shift=a.shift,
+        temperature=a.temperature,
+    )
+    return {**settings.as_dict(), "generator": torch.Generator(device=a.device).manual_seed(a.seed)}
+
+
+def _device(name: str):
+    """``--device`` as a torch.device that this machine has, or a ValueError saying what to use."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device name ({err}); use cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: this torch has no usable CUDA device (torch.cuda.is_available() is False, "
+                f"torch {torch.__version__}); use --device cpu, or install a CUDA build of torch on a GPU machine"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: v2flow runs on cpu, cuda or mps")
+    return device
 
 
 def _output_stems(files: list[Path]) -> list[str]:
@@ -124,37 +159,63 @@ def _image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _image_batches(files: list[Path], tokenizer, resize: bool, batch_size: int, desc: str):
-    """Stream the files as (B, C, H, W) batches in [-1, 1] (bounded memory), with a progress bar."""
+def _add_image_options(p: argparse.ArgumentParser, resize_help: str) -> None:
+    p.add_argument("--resize", action="store_true", help=resize_help)
+    p.add_argument(
+        "--pad",
+        action="store_true",
+        help="pad smaller images with black background (-1), centred, to the tokenizer's size: how 28x28 MNIST "
+        "digits were padded to 32x32 for the shipped MNIST tokenizers (use this, not --resize, for them)",
+    )
+    p.add_argument(
+        "--convert", action="store_true", help="convert colour images to grey for a 1-channel tokenizer (else refused)"
+    )
+
+
+def _image_batches(files: list[Path], tokenizer, a: argparse.Namespace, desc: str):
+    """Stream the files as (B, C, H, W) batches in [-1, 1] (bounded memory), with a progress bar; ``--resize``,
+    ``--pad`` and ``--convert`` say what may be done to them."""
     from torch.utils.data import DataLoader, Dataset
     from tqdm.auto import tqdm
 
-    from .data import load_image
+    from .data import load_image, pad_to_size
     from .utils import releasing_heap
 
     cfg = tokenizer.config
     size = cfg["image_size"]
+    if a.resize and a.pad:
+        raise ValueError("--resize and --pad are two ways to reach the tokenizer's size; choose one")
 
     class Files(Dataset):
         def __len__(self) -> int:
             return len(files)
 
         def __getitem__(self, i: int):
-            image = load_image(files[i], cfg["in_channels"], size if resize else None)
+            image = load_image(files[i], cfg["in_channels"], size if a.resize else None, convert=a.convert)
+            h, w = image.shape[-2:]
+            if a.pad and (h, w) != (size, size):
+                image = pad_to_size(image, size)
             if image.shape[-2:] != (size, size):
+                smaller = h <= size and w <= size
                 raise ValueError(
-                    f"{files[i]} is {image.shape[-1]}x{image.shape[-2]} but the tokenizer expects {size}x{size}; "
-                    "pass --resize to resize and centre-crop"
+                    f"{files[i]} is {w}x{h} but the tokenizer expects {size}x{size}; pass "
+                    + (
+                        "--pad to pad it with black background (as 28x28 MNIST digits were padded for training; "
+                        "this matches the shipped MNIST tokenizers) or --resize to scale it up and centre-crop"
+                        if smaller
+                        else "--resize to resize (shorter side) and centre-crop"
+                    )
                 )
             return image
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    loader = DataLoader(Files(), batch_size=batch_size)
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    loader = DataLoader(Files(), batch_size=a.batch_size)
     return releasing_heap(tqdm(loader, desc=desc, unit="batch", disable=None))
 
 
-def tool_main(argv: list[str]) -> int:
+def tool_parser() -> argparse.ArgumentParser:
+    """The parser of the tool commands (``TOOL_COMMANDS``)."""
     parser = argparse.ArgumentParser(prog="v2flow", description="v2flow tokenizer tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -174,21 +235,27 @@ def tool_main(argv: list[str]) -> int:
     p.add_argument("tokenizer", help="pretrained tokenizer directory")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-o", "--output", required=True, help="output .json or .pt")
-    p.add_argument("--resize", action="store_true", help="resize and centre-crop images to the tokenizer's size")
+    _add_image_options(p, "resize (shorter side, bicubic) and centre-crop images to the tokenizer's size")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (memory stays bounded)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
 
     p = sub.add_parser("decode", help="token ids -> images")
     p.add_argument("tokenizer")
     p.add_argument("ids", help=".json or .pt written by `v2flow encode` (or a (B, N) list / tensor)")
     p.add_argument("-o", "--output", required=True, help="output folder for PNG files")
+    p.add_argument(
+        "--allow-truncation",
+        action="store_true",
+        help="decode ids shorter than the tokenizer's N as a prefix with the tail masked, also for an unordered "
+        "tokenizer (whose prefixes are not coarse versions of the image)",
+    )
     _decode_options(p)
 
     p = sub.add_parser("reconstruct", help="image files -> ids -> images, with a comparison grid")
     p.add_argument("tokenizer")
     p.add_argument("inputs", nargs="+")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--resize", action="store_true")
+    _add_image_options(p, "resize (shorter side, bicubic) and centre-crop images to the tokenizer's size")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (memory stays bounded)")
     p.add_argument("--grid-size", type=int, default=16, help="images in comparison.png (the first ones)")
     _decode_options(p)
@@ -203,7 +270,7 @@ def tool_main(argv: list[str]) -> int:
     p.add_argument("--data", required=True, help="mnist-test, mnist-val, photos-test, or an image folder / file")
     p.add_argument("--limit", type=int, default=0, help="the first n images only (0 = all)")
     p.add_argument("--batch-size", type=int, default=250, help="images per batch (memory stays bounded)")
-    p.add_argument("--resize", action="store_true", help="folders: resize (shorter side) and centre-crop")
+    _add_image_options(p, "folders: resize (shorter side) and centre-crop")
     p.add_argument(
         "--features",
         nargs="+",
@@ -217,6 +284,17 @@ def tool_main(argv: list[str]) -> int:
     p.add_argument("--output", default=None, help="also write the JSON to this file")
     _decode_options(p)
 
+    p = sub.add_parser(
+        "calibrate",
+        help="store the statistics of a tokenizer's training images in its directory (encode warns off them)",
+    )
+    p.add_argument("tokenizer", help="pretrained tokenizer directory (rewritten in place, atomically)")
+    p.add_argument("--data", required=True, help="mnist-train, or an image folder of the training images")
+    p.add_argument("--limit", type=int, default=10000, help="the first n images (0 = all)")
+    p.add_argument("--description", default=None, help="what the data are, shown in warnings")
+    _add_image_options(p, "folders: resize (shorter side) and centre-crop")
+    p.add_argument("--batch-size", type=int, default=500, help="images per batch")
+
     p = sub.add_parser("cache-latents", help="image folder -> sharded latents of a frozen diffusers autoencoder")
     p.add_argument("--autoencoder", required=True, help="diffusers autoencoder directory or hub id")
     p.add_argument("--subfolder", default=None, help="its sub-directory, e.g. vae")
@@ -228,15 +306,21 @@ def tool_main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    return parser
 
-    a = parser.parse_args(argv)
+
+def tool_main(argv: list[str]) -> int:
+    a = tool_parser().parse_args(argv)
+    if getattr(a, "device", None) is not None:
+        a.device = _device(a.device)
     commands = {
         "export": _export,
         "encode": _encode,
         "decode": _decode,
         "reconstruct": _reconstruct,
         "evaluate": _evaluate,
+        "calibrate": _calibrate,
         "cache-latents": _cache_latents,
     }
     return commands[a.command](a)
@@ -256,7 +340,7 @@ def _cache_latents(a: argparse.Namespace) -> int:
         batch_size=a.batch_size,
         num_workers=a.num_workers,
         dtype=a.dtype,
-        device=a.device,
+        device=str(a.device),
     )
     meta = index["meta"]
     print(
@@ -280,7 +364,14 @@ def _checkpoint_kind(path: str) -> str:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint (torch.load cannot read it: {type(err).__name__}); "
+            "give a .ckpt file that `v2flow fit` wrote, e.g. runs/<name>/version_0/checkpoints/last.ckpt"
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint (no state_dict); give a .ckpt file that `v2flow fit` wrote"
+        )
     if isinstance(ckpt, dict) and "v2flow_classifier_config" in ckpt:
         return "classifier"
     if isinstance(ckpt, dict) and "v2flow_lm_layout" in ckpt:
@@ -322,13 +413,14 @@ def _export(a: argparse.Namespace) -> int:
         return 0
     import yaml
 
+    from .settings import CONFIG_KEYS
     from .tokenizer import V2FlowTokenizer
 
     tokenizer = tokenizer_from_checkpoint(a.checkpoint, weights=weights)
     overrides = {}
     for item in a.set:
         key, _, value = item.partition("=")
-        decode_keys = [f"sample_{v}" for v in _SAMPLE_KEYS.values()]
+        decode_keys = list(CONFIG_KEYS.values())
         if key not in decode_keys:  # (sample_entropy_weight is a training loss weight, not a decode default)
             raise ValueError(f"--set accepts the decode defaults only: {decode_keys}; got {key!r}")
         overrides[key] = yaml.safe_load(value)
@@ -365,9 +457,18 @@ def _read_ids(path: Path):
         data = json.loads(path.read_text())
     else:
         raise ValueError(f"ids file must end in .json or .pt, got {path}")
+    if isinstance(data, dict) and "ids" not in data:
+        raise ValueError(
+            f"{path} holds no 'ids' entry (keys: {sorted(data)[:8]}); give a file written by `v2flow encode`, "
+            "or a (B, N) list / tensor of token ids"
+        )
     ids = data["ids"] if isinstance(data, dict) else data
     names = data.get("files") if isinstance(data, dict) else None
-    ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)
+    if not isinstance(ids, torch.Tensor):
+        try:
+            ids = torch.tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"the ids in {path} are not a (B, N) array of integers ({err})") from err
     return ids, names
 
 
@@ -382,7 +483,7 @@ def _encode(a: argparse.Namespace) -> int:
     # large temporaries, where they can pin heap pages that glibc would otherwise hand back
     ids = torch.empty(len(files), tokenizer.config["num_tokens"], dtype=torch.long)
     done = 0
-    for images in _image_batches(files, tokenizer, a.resize, a.batch_size, "encoding"):
+    for images in _image_batches(files, tokenizer, a, "encoding"):
         ids[done : done + len(images)] = tokenizer.encode(images.to(a.device)).ids.cpu()
         done += len(images)
     payload = {"files": [str(f) for f in files], "llm": tokenizer.vocabulary.llm_name}
@@ -401,7 +502,8 @@ def _decode(a: argparse.Namespace) -> int:
 
     tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
     ids, names = _read_ids(Path(a.ids))
-    images = tokenizer.decode(ids.to(a.device), **_decode_kwargs(a, a.device)).images
+    images = tokenizer.decode(ids.to(a.device), allow_truncation=a.allow_truncation, **_decode_kwargs(a, tokenizer))
+    images = images.images
     out = Path(a.output)
     stems = _output_stems([Path(n) for n in names]) if names else [f"{i:05d}" for i in range(len(images))]
     for stem, image in zip(stems, images, strict=True):
@@ -422,11 +524,11 @@ def _reconstruct(a: argparse.Namespace) -> int:
     files = _image_files(a.inputs)
     stems = _output_stems(files)
     folder = Path(a.output)
-    kwargs = _decode_kwargs(a, a.device)  # one generator for the whole stream
+    kwargs = _decode_kwargs(a, tokenizer)  # one generator for the whole stream
     psnr, ssim = [], StructuralSimilarityIndexMeasure(data_range=2.0).to(a.device)
     shown: list[torch.Tensor] = []
     done = 0
-    for images in _image_batches(files, tokenizer, a.resize, a.batch_size, "reconstructing"):
+    for images in _image_batches(files, tokenizer, a, "reconstructing"):
         images = images.to(a.device)
         recon = tokenizer.reconstruct(images, **kwargs).images
         for image in recon:
@@ -489,8 +591,8 @@ def _evaluation_batches(a: argparse.Namespace, tokenizer):
     c, s, limit = cfg["in_channels"], cfg["image_size"], a.limit or None
     if a.limit < 0 or a.batch_size < 1:
         raise ValueError(f"need --limit >= 0 and --batch-size >= 1, got {a.limit} and {a.batch_size}")
-    if a.data in NAMED_DATA and a.resize:
-        raise ValueError(f"--resize applies to folders only; {a.data} has a fixed crop policy")
+    if a.data in NAMED_DATA and (a.resize or a.pad or a.convert):
+        raise ValueError(f"--resize, --pad and --convert apply to folders only; {a.data} has a fixed crop policy")
     if a.data in MNIST_DATA:
         from .data import load_mnist
 
@@ -518,7 +620,7 @@ def _evaluation_batches(a: argparse.Namespace, tokenizer):
         if a.resize
         else "the images as stored (no crop, no resize)"
     )
-    return _image_batches(files, tokenizer, a.resize, a.batch_size, "evaluating"), len(files), policy
+    return _image_batches(files, tokenizer, a, "evaluating"), len(files), policy
 
 
 def _feature_extractor(a: argparse.Namespace, tokenizer):
@@ -566,12 +668,8 @@ def _evaluate(a: argparse.Namespace) -> int:
     if num_images == 0:
         raise ValueError(f"{a.data} holds no images")
     extractor, features = _feature_extractor(a, tokenizer)
-    kwargs = _decode_kwargs(a, a.device)
-    decode = {
-        k: v if v is not None else tokenizer.config[f"sample_{_SAMPLE_KEYS[k]}"]
-        for k, v in kwargs.items()
-        if k != "generator"
-    }
+    kwargs = _decode_kwargs(a, tokenizer)
+    decode = {k: v for k, v in kwargs.items() if k != "generator"}
     metrics = ReconstructionMetrics(
         feature_extractor=extractor, kid_subset_size=a.kid_subset_size, device=a.device, seed=a.seed
     )
@@ -599,16 +697,6 @@ def _evaluate(a: argparse.Namespace) -> int:
     print()
     print(_markdown_row(result, header=True))
     return 0
-
-
-_SAMPLE_KEYS = {
-    "num_steps": "steps",
-    "solver": "solver",
-    "num_iters": "iters",
-    "cfg_scale": "cfg",
-    "shift": "shift",
-    "temperature": "temperature",
-}
 
 
 def _markdown_row(r: dict, header: bool = False) -> str:
@@ -644,19 +732,80 @@ def _markdown_row(r: dict, header: bool = False) -> str:
     return "| " + " | ".join(cells) + " |\n|" + "---|" * len(cells) + "\n" + row
 
 
+def _calibrate(a: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from .checks import image_features, input_statistics
+    from .hub import CONFIG_NAME, read_json
+    from .tokenizer import V2FlowTokenizer
+
+    tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer)
+    if a.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {a.limit}")
+    limit, size = a.limit or None, tokenizer.config["image_size"]
+    if a.data == "mnist-train":
+        from .data import load_mnist
+
+        if (a.resize, a.pad, a.convert) != (False, False, False):
+            raise ValueError("--resize, --pad and --convert apply to folders only; mnist-train is padded to size")
+        if tokenizer.config["in_channels"] != 1 or size < 28:
+            raise ValueError("MNIST digits are 1x28x28 (padded); this tokenizer takes other images")
+        batches = load_mnist("train", pad_to=size)[0][:limit].split(a.batch_size)
+        description = f"MNIST training digits: white on black, 28x28 padded to {size}x{size}, in [-1, 1]"
+    else:
+        batches = _image_batches(_image_files([a.data])[:limit], tokenizer, a, "calibrating")
+        description = f"the images in {a.data}"
+    statistics = input_statistics(torch.cat([image_features(x) for x in batches]), a.description or description)
+    path = Path(a.tokenizer) / CONFIG_NAME
+    config = {**read_json(path), "input_statistics": statistics}
+    V2FlowTokenizer.from_config(config)  # validates before anything is written
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path)  # atomic: the weights and other files are not touched
+    print(json.dumps({"tokenizer": a.tokenizer, "input_statistics": statistics}))
+    return 0
+
+
+def _overview() -> str:
+    """The text of ``v2flow --help``: every command, with the tools' own help lines."""
+    tools = next(x for x in tool_parser()._actions if isinstance(x, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in tools._choices_actions}
+    lines = [
+        "usage: v2flow COMMAND [options]   (`v2flow COMMAND --help` for a command's options)",
+        "",
+        "Training and evaluation through the Lightning CLI (--config YAML, --ckpt_path to resume):",
+        f"  {'fit | validate | test | predict':34s} the image tokenizer (configs/mnist.yaml, configs/quickstart.yaml)",
+    ]
+    lines += [f"  {task + ' fit | validate | test':34s} {text}" for task, text in TASKS.items()]
+    lines += ["", "Tools:"]
+    lines += [f"  {name:34s} {helps[name]}" for name in TOOL_COMMANDS]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TOOL_COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_overview(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command = argv[0]
+    if command in TOOL_COMMANDS:
         try:
             return tool_main(argv)
         except (ValueError, FileNotFoundError, FileExistsError) as err:
-            print(f"v2flow {argv[0]}: error: {err}", file=sys.stderr)
+            print(f"v2flow {command}: error: {err}", file=sys.stderr)
             return 2
-    if argv and argv[0] in ("lm", "classifier", "vq"):
-        lightning_cli(argv[1:], task=argv[0])
+    if command in TASKS:
+        lightning_cli(argv[1:], task=command)
         return 0
-    lightning_cli(argv)
-    return 0
+    if command in LIGHTNING_SUBCOMMANDS or command.startswith("-"):
+        lightning_cli(argv)
+        return 0
+    known = [*LIGHTNING_SUBCOMMANDS, *TASKS, *TOOL_COMMANDS]
+    print(f"v2flow: error: unknown command {command!r}; choose one of {', '.join(known)}", file=sys.stderr)
+    print(_overview(), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -251,7 +251,7 @@ class MNISTDataModule(_ImageDataModule):
 # ---------------------------------------------------------------------------- images from files
 
 
-def load_image(path: str | Path, channels: int = 3, size: int | None = None) -> torch.Tensor:
+def load_image(path: str | Path, channels: int = 3, size: int | None = None, convert: bool = True) -> torch.Tensor:
     """Read an image file as (C, H, W) float32 in [-1, 1].
 
     The format is read from the content, not the extension (a PNG named .jpg loads). Palette, 1-bit, CMYK and
@@ -264,6 +264,9 @@ def load_image(path: str | Path, channels: int = 3, size: int | None = None) -> 
         channels: 1 (grayscale) or 3 (RGB).
         size: if given (>= 1), resize the shorter side to `size` (bicubic) and centre-crop to size x size;
             if None the image is returned at its own size.
+        convert: convert a colour image to grey when `channels` is 1 (Pillow's ITU-R 601 luma). With
+            ``convert=False`` a colour image for 1 channel is refused instead; grey images always load (as 3
+            equal channels when `channels` is 3), and so do colour files whose channels are all equal.
 
     Raises:
         FileNotFoundError: `path` is not a file.
@@ -290,6 +293,8 @@ def load_image(path: str | Path, channels: int = 3, size: int | None = None) -> 
                     refused = f"its {img.mode} values span [{lo:.0f}, {hi:.0f}], beyond the 16-bit range [0, 65535]"
                 else:
                     img = Image.fromarray(np.rint(array * (255.0 / 65535.0)).astype(np.uint8))
+            if refused is None and channels == 1 and not convert and _is_colour(img):
+                refused = "colour"
             if refused is None:
                 img = img.convert("L" if channels == 1 else "RGB")
     except Image.DecompressionBombError as err:
@@ -299,6 +304,11 @@ def load_image(path: str | Path, channels: int = 3, size: int | None = None) -> 
         ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise ValueError(f"cannot read image {path}: {err}; the file is corrupt or not an image") from err
+    if refused == "colour":
+        raise ValueError(
+            f"{path} is a colour image but a 1-channel (grey) image is wanted; convert it to grey explicitly "
+            "(command line: --convert; Python: load_image(..., convert=True))"
+        )
     if refused is not None:
         raise ValueError(f"cannot map image {path} to [-1, 1]: {refused}; save it as an 8- or 16-bit integer image")
     if size is not None:
@@ -311,6 +321,24 @@ def load_image(path: str | Path, channels: int = 3, size: int | None = None) -> 
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(array.copy())
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
+
+
+def _is_colour(img: Image.Image) -> bool:
+    """Whether an image holds colour: channels that differ somewhere (a grey image stored as RGB is grey)."""
+    if img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+        return False
+    rgb = np.asarray(img.convert("RGB"))
+    return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
+
+
+def pad_to_size(image: torch.Tensor, size: int, value: float = -1.0) -> torch.Tensor:
+    """Pad a (C, H, W) image centred to size x size with `value` (-1: black background), as MNIST's 28x28
+    digits are padded to 32x32 for training. Refuses images larger than `size`."""
+    h, w = image.shape[-2:]
+    if h > size or w > size:
+        raise ValueError(f"cannot pad a {w}x{h} image to {size}x{size}: it is larger; resize it instead")
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(image, (left, size - w - left, top, size - h - top), value=value)
 
 
 def list_images(root: str | Path) -> list[Path]:

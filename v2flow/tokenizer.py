@@ -16,30 +16,29 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from einops import repeat
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .checks import check_image_range, check_statistics, check_types, distribution_warning
 from .encoder import QueryEncoder
 from .first_stage import build_first_stage
+from .hub import AUTOENCODER_DIR, CONFIG_NAME, VOCAB_NAME, WEIGHTS_NAME, load_weights, read_json, resolve_pretrained
 from .layers import patchify, unpatchify
 from .masked_transformer import MaskedTransformer
 from .ordering import PREFIX_SAMPLING, SELFTOK_STAGES, TRUNCATION_TAILS, OrderSchedule, sample_prefix_lengths
 from .resampler import VocabularyResampler, perplexity
-from .sampling import SOLVERS, masked_flow_sample
+from .sampling import masked_flow_sample
+from .settings import DecodeSettings
 from .utils import replace_dir
 from .velocity import TIME_SAMPLING, VelocityHead, flow_matching_loss, sample_time, time_cdf, time_quantile
 from .vocab import LLMVocabulary
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-VOCAB_NAME = "vocab.json"
-AUTOENCODER_DIR = "autoencoder"
-RANGE_TOLERANCE = 1e-3
 TOKEN_ORDERS = ("unordered", "ordered")
 # ids may come in any integer dtype; floats, bool and complex are refused, not cast
 _ID_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -152,6 +151,9 @@ class V2FlowTokenizer(nn.Module):
             many noise levels per transformer pass instead of one per sample.
         sample_steps, sample_solver, sample_iters, sample_cfg, sample_shift, sample_temperature: default decode
             settings (see :meth:`decode`).
+        input_statistics: statistics of the training images (:func:`v2flow.checks.input_statistics`: per-image
+            pixel mean and spread, their mean and spread over the data, and what the data were), written by
+            training or ``v2flow calibrate``; :meth:`encode` warns when images are far from them.
     """
 
     def __init__(
@@ -212,11 +214,15 @@ class V2FlowTokenizer(nn.Module):
         sample_cfg: float = 1.0,
         sample_shift: float = 1.0,
         sample_temperature: float = 1.0,
+        input_statistics: dict | None = None,
     ) -> None:
         keys = set(self.config_keys())
         config = {k: v for k, v in locals().items() if k in keys}
+        check_types(type(self).__init__, config)
         super().__init__()
         self.config = config
+        self.decode_defaults = DecodeSettings.from_config(config)
+        check_statistics(input_statistics)
         if image_size % patch_size:
             raise ValueError(
                 f"image_size {image_size} is not a multiple of patch_size {patch_size}; "
@@ -224,18 +230,12 @@ class V2FlowTokenizer(nn.Module):
             )
         if not 0.0 < mask_ratio_min <= mask_ratio_max <= 1.0:
             raise ValueError(f"need 0 < mask_ratio_min <= mask_ratio_max <= 1, got {mask_ratio_min}, {mask_ratio_max}")
-        if sample_solver not in SOLVERS:
-            raise ValueError(f"unknown sample_solver {sample_solver!r}; choose one of {SOLVERS}")
         if batch_mul < 1:
             raise ValueError(f"batch_mul must be >= 1, got {batch_mul}")
         if mask_ratio_std <= 0:
             raise ValueError(f"mask_ratio_std must be > 0, got {mask_ratio_std}")
         if time_sampling not in TIME_SAMPLING:
             raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLING}")
-        if sample_temperature < 0:
-            raise ValueError(f"sample_temperature must be >= 0, got {sample_temperature}")
-        if sample_steps < 1:
-            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
         if token_order not in TOKEN_ORDERS:
             raise ValueError(f"unknown token_order {token_order!r}; choose one of {TOKEN_ORDERS}")
         if order_stages is not None and token_order != "ordered":
@@ -249,8 +249,6 @@ class V2FlowTokenizer(nn.Module):
         if truncation_tail not in TRUNCATION_TAILS:
             raise ValueError(f"unknown truncation_tail {truncation_tail!r}; choose one of {TRUNCATION_TAILS}")
         self.schedule = OrderSchedule(num_tokens, order_stages or SELFTOK_STAGES) if token_order == "ordered" else None
-        if sample_solver == "dopri5" and sample_shift != 1.0:
-            raise ValueError("sample_shift changes fixed-step grids only; use sample_shift=1.0 with dopri5")
         if first_stage != "autoencoder" and (autoencoder is not None or autoencoder_subfolder is not None):
             raise ValueError("autoencoder / autoencoder_subfolder apply to first_stage='autoencoder' only")
         self.first_stage = build_first_stage(
@@ -432,14 +430,7 @@ class V2FlowTokenizer(nn.Module):
             )
         if not check_values:
             return
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or inf values; replace or drop those images first")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-            raise ValueError(
-                f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
-                "map [0, 1] images with x * 2 - 1 and [0, 255] images with x / 127.5 - 1"
-            )
+        check_image_range(images)
 
     def _ids_to_indices(self, ids: torch.Tensor, prefix: bool = False) -> torch.Tensor:
         """Validate ids (B, N) (or a prefix (B, k) when `prefix`) and map them to row indices (B, N) (int64).
@@ -655,14 +646,24 @@ class V2FlowTokenizer(nn.Module):
         """Images (B, C, H, W) in [-1, 1] (or cached first-stage latents (B, c, h, w)) -> tokens. Deterministic
         (argmax; no noise at inference).
 
+        When the tokenizer stores ``input_statistics`` and at least half of the images are far from them (see
+        :func:`v2flow.checks.distribution_warning`), a UserWarning says so: such tokens decode to confident
+        garbage.
+
         Returns:
             :class:`EncodeOutput` with ids (B, N), indices (B, N), soft_embeddings (B, N, d_llm), probs (B, N, K).
         """
         self._require_vocabulary()
+        patches = self._inputs(images, latents, check_values=True)
+        statistics = self.config["input_statistics"]
+        if images is not None and statistics is not None:
+            message = distribution_warning(images, statistics)
+            if message is not None:
+                warnings.warn(message, stacklevel=2)
         was_training = self.training
         self.eval()
         try:
-            out = self.resampler(self.encoder(self._inputs(images, latents, check_values=True)))
+            out = self.resampler(self.encoder(patches))
         finally:
             self.train(was_training)
         return EncodeOutput(
@@ -716,27 +717,29 @@ class V2FlowTokenizer(nn.Module):
                 mean of the images the prefix allows). No effect on a full sequence.
             generator: for reproducible noise and reveal order.
         """
-        cfg = self.config
-        num_steps = cfg["sample_steps"] if num_steps is None else num_steps
-        solver = cfg["sample_solver"] if solver is None else solver
-        num_iters = cfg["sample_iters"] if num_iters is None else num_iters
-        cfg_scale = cfg["sample_cfg"] if cfg_scale is None else cfg_scale
-        shift = cfg["sample_shift"] if shift is None else shift
-        temperature = cfg["sample_temperature"] if temperature is None else temperature
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        settings = self.decode_defaults.resolve(
+            num_steps=num_steps, solver=solver, num_iters=num_iters, cfg_scale=cfg_scale, shift=shift,
+            temperature=temperature,
+        )  # fmt: skip
+        num_steps, solver, num_iters = settings.num_steps, settings.solver, settings.num_iters
+        cfg_scale, shift, temperature = settings.cfg_scale, settings.shift, settings.temperature
         self._require_vocabulary()
-        n = cfg["num_tokens"]
+        n = self.config["num_tokens"]
         k = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.ndim == 2 else n
         if k != n:
             if k < 1:
                 raise ValueError("an empty prefix holds no tokens; give ids of shape (B, k) with k >= 1")
             if k > n:
-                raise ValueError(f"a prefix of {k} tokens is longer than this tokenizer's N = {n} tokens")
+                raise ValueError(
+                    f"ids hold {k} tokens per image but this tokenizer writes N = {n}: they come from a different "
+                    "tokenizer; decode them with the tokenizer that encoded them"
+                )
             if self.schedule is None and not allow_truncation:
                 raise ValueError(
-                    f"this tokenizer is unordered, so a prefix of {k} of its {n} tokens is not a coarse version of "
-                    "the image; pass allow_truncation=True to decode it with the tail masked anyway"
+                    f"ids hold {k} tokens per image but this tokenizer writes N = {n}. If they come from another "
+                    "tokenizer, decode them with that one. If they are a prefix: this tokenizer is unordered, so "
+                    f"its first {k} tokens are not a coarse version of the image; to decode them anyway with the "
+                    "tail masked pass allow_truncation=True (command line: --allow-truncation)"
                 )
         indices = self._ids_to_indices(ids, prefix=True)  # (B, k)
         device = self.vocabulary.embeddings.device
@@ -801,7 +804,7 @@ class V2FlowTokenizer(nn.Module):
         finally:
             self.train(was_training)
         size = self.first_stage.latent_size
-        latents = unpatchify(patches, cfg["patch_size"], size, size)  # (B, c, h, w)
+        latents = unpatchify(patches, self.config["patch_size"], size, size)  # (B, c, h, w)
         return DecodeOutput(images=self.first_stage.decode(latents).clamp(-1, 1), latents=latents)
 
     @torch.no_grad()
@@ -875,27 +878,13 @@ class V2FlowTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> V2FlowTokenizer:
-        """Load a tokenizer written by :meth:`save_pretrained` (a local directory or a Hugging Face hub id)."""
-        directory = Path(path)
-        if not directory.is_dir():
-            if str(path).startswith((".", "/", "~")) or directory.suffix:
-                raise FileNotFoundError(f"no pretrained tokenizer directory at {path}")
-            from huggingface_hub import snapshot_download
-
-            directory = Path(snapshot_download(str(path)))
-        for name in (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME):
-            if not (directory / name).exists():
-                raise FileNotFoundError(
-                    f"{directory} has no {name}; a pretrained tokenizer directory holds "
-                    f"{CONFIG_NAME}, {WEIGHTS_NAME} and {VOCAB_NAME} (write one with save_pretrained or `v2flow export`)"
-                )
-        try:
-            config = json.loads((directory / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
+        """Load a tokenizer written by :meth:`save_pretrained`: a local directory, or a Hugging Face Hub id
+        (``owner/name``; needs network access or a copy in the local hub cache, see :mod:`v2flow.hub`)."""
+        directory = resolve_pretrained(path, "tokenizer", (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME))
+        config = read_json(directory / CONFIG_NAME)
         model = cls.from_config(config)
-        vocab = json.loads((directory / VOCAB_NAME).read_text())
-        state = load_file(directory / WEIGHTS_NAME)
+        vocab = read_json(directory / VOCAB_NAME)
+        state = load_weights(directory / WEIGHTS_NAME)
         expected = model.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:

@@ -24,7 +24,9 @@ Subset selection (``selection=``), always deterministic and excluding the LLM's 
 * ``"fps"``: farthest-point sampling over the centred, L2-normalised rows, starting from the row farthest
   from the mean direction; each next row is the one with the largest cosine distance to all rows chosen so
   far. It spreads the subset over the whole embedding space (the raw table is anisotropic: SmolLM2's rows
-  have an average cosine of 0.67 with their mean row).
+  have an average cosine of 0.67 with their mean row). The same table gives the same rows in the same order
+  on every machine: the unit rows are rounded to a fixed-point lattice (``FPS_SCALE``), so every cosine is
+  an exact integer whatever the CPU's float kernels or the summation order, and ties go to the lowest id.
 * ``"first"``: the first ``num_entries`` ordinary ids; in a BPE vocabulary the id order is the merge order,
   so these are the most frequent tokens.
 """
@@ -44,9 +46,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .hub import VOCAB_NAME, WEIGHTS_NAME
+
 BUNDLED_SMOLLM2 = "smollm2"
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 SELECTIONS = ("fps", "first")
+# Unit rows are rounded to integers on this scale (2^20). Their dot products are then integers of at most
+# 2^40 in magnitude (Cauchy-Schwarz), and every partial sum of a float64 dot product of such rows is exact
+# below 2^53, in any order: the farthest-point picks cannot depend on the CPU's kernels or thread count.
+FPS_SCALE = 2**20
+FPS_RULE = "fps-lattice20"  # part of the selection cache key: a changed rule never reuses an old selection
 
 
 def cache_dir() -> Path:
@@ -334,8 +343,6 @@ def _read_tokenizer_dir(path: Path) -> _Table:
     """The vocabulary rows of a trained tokenizer directory, read without building the tokenizer."""
     from safetensors import safe_open
 
-    from .tokenizer import VOCAB_NAME, WEIGHTS_NAME
-
     for name in (WEIGHTS_NAME, VOCAB_NAME):
         if not (path / name).exists():
             raise FileNotFoundError(
@@ -362,7 +369,7 @@ def _select(table: _Table, ordinary: torch.Tensor, k: int, selection: str) -> to
     if selection == "first":
         return ordinary[:k]
     digest = _table_hash(table.embeddings) + _table_hash(ordinary)  # the candidate set is part of the key
-    key = cache_dir() / "selections" / f"{table.name.replace('/', '--')}-{digest}-{selection}-{k}.pt"
+    key = cache_dir() / "selections" / f"{table.name.replace('/', '--')}-{digest}-{FPS_RULE}-{k}.pt"
     if key.exists():
         return torch.load(key, weights_only=True)
     chosen = ordinary[farthest_point_indices(table.embeddings[ordinary], k)]
@@ -379,22 +386,33 @@ def _table_hash(embeddings: torch.Tensor) -> str:
 
 @torch.no_grad()
 def farthest_point_indices(rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Deterministic farthest-point sampling of `k` row indices under cosine distance of centred rows.
+    """Farthest-point sampling of `k` row indices under cosine distance of centred rows, identical on every
+    machine.
+
+    The centred unit rows are rounded to integers on the ``FPS_SCALE`` lattice (in float64), so every cosine
+    below is an exact integer and the picks do not depend on float kernels; among rows at the same distance
+    the lowest index wins.
 
     Args:
-        rows: (V, d) embedding rows.
+        rows: (V, d) embedding rows, d <= 8192 (so that sums stay exact).
         k: how many to pick, 1 <= k <= V.
     Returns:
         (k,) long indices into `rows`, in the order they were picked.
     """
-    unit = F.normalize(rows.float() - rows.float().mean(0), dim=-1)  # (V, d)
-    mean_dir = F.normalize(rows.float().mean(0), dim=0)
-    first = int((unit @ mean_dir).argmin())
-    distance = torch.full((rows.shape[0],), float("inf"), device=rows.device)
+    if rows.ndim != 2 or not 1 <= k <= rows.shape[0]:
+        raise ValueError(f"need (V, d) rows and 1 <= k <= V, got shape {tuple(rows.shape)} and k={k}")
+    if rows.shape[1] > 8192:
+        raise ValueError(f"rows of dimension {rows.shape[1]} > 8192 would overflow the exact lattice sums")
+    rows = rows.double()
+    mean = rows.mean(0)
+    lattice = torch.round(F.normalize(rows - mean, dim=-1) * FPS_SCALE)  # (V, d) integer-valued float64
+    mean_dir = torch.round(F.normalize(mean, dim=0) * FPS_SCALE)  # (d,)
+    first = int((lattice @ mean_dir).argmin())  # argmin/argmax return the first (lowest) index on ties
+    nearest = torch.full((rows.shape[0],), -float("inf"), dtype=torch.float64, device=rows.device)
     picked = [first]
     for _ in range(k - 1):
-        distance = torch.minimum(distance, 1.0 - unit @ unit[picked[-1]])
-        picked.append(int(distance.argmax()))
+        nearest = torch.maximum(nearest, lattice @ lattice[picked[-1]])  # cosine to the closest pick, x 2^40
+        picked.append(int(nearest.argmin()))
     return torch.tensor(picked, dtype=torch.long)
 
 

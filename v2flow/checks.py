@@ -1,0 +1,137 @@
+"""Input contracts shared by every model of the package, as free functions that raise clear errors.
+
+Nothing here imports from the package.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import types
+import typing
+from collections.abc import Callable
+
+import torch
+
+RANGE_TOLERANCE = 1e-3  # images may overshoot [-1, 1] by this much (resampling, float round-off)
+
+
+def _matches(value, annotation) -> bool:
+    """Whether a config value (as JSON/YAML gives it) fits a constructor annotation."""
+    if annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation is float:  # YAML and JSON write 1.0 as 1
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            return False
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # an annotation this check does not understand is left to the constructor
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def check_types(constructor: Callable, values: dict) -> None:
+    """Raise a ValueError naming the key, the value and the expected type for every value in `values` whose
+    type does not fit `constructor`'s annotation (``int`` refuses floats and bools; ``float`` takes ints)."""
+    hints = typing.get_type_hints(constructor)
+    wrong = [
+        f"{key}={value!r} ({type(value).__name__}; expected {_type_name(hints[key])})"
+        for key, value in values.items()
+        if key in hints and not _matches(value, hints[key])
+    ]
+    if wrong:
+        raise ValueError(f"config values of the wrong type: {'; '.join(wrong)}")
+
+
+def check_image_range(images: torch.Tensor, what: str = "images") -> None:
+    """Raise a ValueError unless `images` are finite and in [-1, 1] (give or take ``RANGE_TOLERANCE``)."""
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{what} contain NaN or inf values; replace or drop those images first")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        # round outward, so the printed interval contains the values (never "[-1, 0.993]" for a max of 0.9931)
+        shown_lo, shown_hi = math.floor(lo * 1e4) / 1e4, math.ceil(hi * 1e4) / 1e4
+        raise ValueError(
+            f"{what} must be in [-1, 1], got values in [{shown_lo:g}, {shown_hi:g}]; "
+            "map [0, 1] images with x * 2 - 1 and [0, 255] images with x / 127.5 - 1"
+        )
+
+
+# ---------------------------------------------------------------------------- training-data statistics
+
+OFF_DISTRIBUTION_Z = 6.0  # an image whose pixel mean or spread is this many training spreads away is "far off"
+_STATISTICS_KEYS = ("pixel_mean", "pixel_std", "num_images", "data")
+
+
+def image_features(images: torch.Tensor) -> torch.Tensor:
+    """(B, 2) per-image pixel mean and pixel standard deviation of images (B, C, H, W)."""
+    flat = images.detach().float().flatten(1)  # (B, C*H*W)
+    return torch.stack([flat.mean(1), flat.std(1, correction=0)], dim=1)
+
+
+def input_statistics(features: torch.Tensor, data: str) -> dict:
+    """The statistics a tokenizer stores from its training images: mean and spread over the images of each
+    image's pixel mean and pixel spread. `features` (n, 2) from :func:`image_features`; `data` describes
+    the images (shown in warnings)."""
+    if features.ndim != 2 or features.shape[1] != 2 or features.shape[0] < 2:
+        raise ValueError(f"need (n >= 2, 2) image features, got shape {tuple(features.shape)}")
+    mean, std = features.double().mean(0), features.double().std(0)
+    if not bool((std > 0).all()):
+        raise ValueError("the images all have the same pixel mean or spread; statistics need the varied training data")
+    return {
+        "pixel_mean": [round(float(mean[0]), 6), round(float(std[0]), 6)],
+        "pixel_std": [round(float(mean[1]), 6), round(float(std[1]), 6)],
+        "num_images": int(features.shape[0]),
+        "data": data,
+    }
+
+
+def check_statistics(statistics: dict | None) -> None:
+    """Raise a ValueError unless `statistics` is None or a dict as :func:`input_statistics` writes."""
+    if statistics is None:
+        return
+    if not isinstance(statistics, dict) or sorted(statistics) != sorted(_STATISTICS_KEYS):
+        raise ValueError(f"input_statistics must be a dict with keys {list(_STATISTICS_KEYS)}, got {statistics!r}")
+    for key in ("pixel_mean", "pixel_std"):
+        pair = statistics[key]
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair)):
+            raise ValueError(f"input_statistics[{key!r}] must be [mean, spread], got {pair!r}")
+        if not pair[1] > 0:
+            raise ValueError(f"input_statistics[{key!r}] needs a spread > 0, got {pair[1]!r}")
+
+
+def distribution_warning(images: torch.Tensor, statistics: dict) -> str | None:
+    """A message when at least half of `images` (B, C, H, W) are far from the training images' statistics
+    (pixel mean or spread more than ``OFF_DISTRIBUTION_Z`` training spreads away), else None."""
+    features = image_features(images)  # (B, 2)
+    centre = torch.tensor([statistics["pixel_mean"][0], statistics["pixel_std"][0]], device=features.device)
+    spread = torch.tensor([statistics["pixel_mean"][1], statistics["pixel_std"][1]], device=features.device)
+    z = ((features - centre) / spread).abs().amax(1)  # (B,)
+    off = int((z > OFF_DISTRIBUTION_Z).sum())
+    if 2 * off < len(images):
+        return None
+    seen = features.mean(0).tolist()
+    return (
+        f"{off} of {len(images)} images look unlike this tokenizer's training data ({statistics['data']}): their "
+        f"pixel mean is {seen[0]:.2f} and spread {seen[1]:.2f} against {centre[0]:.2f} +- {spread[0]:.2f} and "
+        f"{centre[1]:.2f} +- {spread[1]:.2f} in training, so the reconstructions will be poor. Common causes: "
+        "images in [0, 1] instead of [-1, 1] (map with x * 2 - 1), inverted colours (e.g. dark digits on a light "
+        "background), or data the tokenizer was never trained on"
+    )
