@@ -11,7 +11,7 @@ config's, so variants differ only there. ``--parallel`` runs go through the proj
 CLI at once (``v2flow fit`` subprocesses; small models leave a GPU mostly idle, so several share it). A run
 stopped by ``--time-limit`` seconds is scored at the step it reached, which the table states: compare variants
 at equal steps only. Two runs of one config differed by 0.75 dB at k = N (``checkpoints/README.md``,
-session 12), so compare settings over several ``--seeds`` (``seed_everything`` values: each variant trains once
+``mnist-ordered-32``), so compare settings over several ``--seeds`` (``seed_everything`` values: each variant trains once
 per seed, as ``NAME_seedS``, and the table gives the mean over seeds and its standard deviation).
 ``--vocab-source checkpoints/mnist-smollm2-32`` takes the 4,096 SmolLM2 rows from the
 shipped tokenizer (the same rows, in the same order, as ``smollm2`` with fps selection) on machines without

@@ -12,12 +12,12 @@ threads; 0 = torch's default), ``--repeats``, ``--clock wall|cpu``, ``--output F
 prints JSON and a markdown table. Timings are the best (and median) of ``--repeats`` runs after a warm-up, in
 wall time and in CPU seconds of the process; on a CPU shared with other work, run with one thread
 (``OMP_NUM_THREADS=1``) and read the CPU seconds (``--clock cpu``), and re-run on a quiet machine for numbers
-to publish. On a GPU (no GPU was lent to the session that wrote this):
+to publish. On a GPU:
 
     python benchmarks/speed.py mfu --device cuda --dtype bf16 [--compile]
     python benchmarks/speed.py scaling --device cuda --dtype bf16 [--compile]
 
-Without a sub-command, ``throughput`` runs (the old interface: ``python benchmarks/speed.py --repeats 1``).
+Without a sub-command, ``throughput`` runs (``python benchmarks/speed.py --repeats 1`` is ``throughput --repeats 1``).
 """
 
 from __future__ import annotations
@@ -713,7 +713,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
-        argv = ["throughput", *argv]  # the old interface
+        argv = ["throughput", *argv]  # no sub-command: throughput
     a = parser().parse_args(argv)
     if a.repeats is None:
         a.repeats = {"throughput": 2, "quality-cost": 1, "scaling": 2}.get(a.command, 1)
