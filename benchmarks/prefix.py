@@ -91,7 +91,7 @@ def denoising_gain(
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(device)
             embeddings = tok.resampler.embed(tok._ids_to_indices(ids[i : i + batch_size].to(device)))
-            patches = tok._patches(x)  # (B, L, P)
+            patches = tok.patches_of(x, None, check_values=False)  # (B, L, P)
             b, length, _ = patches.shape
             mask = torch.ones(b, length, dtype=torch.bool, device=device)
             null_cond = tok.decoder(embeddings, patches, mask, torch.ones(b, dtype=torch.bool, device=device))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from v2flow import objective
 from v2flow.ordering import OrderSchedule, sample_prefix_lengths
 
 
@@ -191,9 +192,9 @@ def test_interval_times_stay_where_the_condition_holds_and_keep_the_time_distrib
 
     tok = ordered_tokenizer(interval_times=True, batch_mul=3, order_stages=[3, 1])
     g = torch.Generator().manual_seed(0)
-    t, visible = tok._ordered_times(20000, "cpu", g)  # one level per sample, (B,)
+    t, visible = objective.ordered_times(tok, 20000, "cpu", g)  # one level per sample, (B,)
     mask = torch.rand(20000, 4, generator=g) < 0.7  # (B, L) masked patches
-    times = tok._patch_times(t, mask, g)  # (3 * M,), draw-major
+    times = objective.patch_times(tok, t, mask, g)  # (3 * M,), draw-major
     m = int(mask.sum())
     assert times.shape == (3 * m,)
     per_draw_visible = visible.repeat_interleave(mask.sum(1), dim=0).repeat(3, 1)  # (3 * M, N)
@@ -203,12 +204,12 @@ def test_interval_times_stay_where_the_condition_holds_and_keep_the_time_distrib
     reference = sample_time(times.numel(), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(times.quantile(u), reference.quantile(u), atol=0.01)  # the same time distribution
     # off: each patch at its sample's level
-    assert torch.equal(ordered_tokenizer()._patch_times(t, mask, g), t[:, None].expand(mask.shape)[mask])
+    assert torch.equal(objective.patch_times(ordered_tokenizer(), t, mask, g), t[:, None].expand(mask.shape)[mask])
     with pytest.raises(ValueError, match="interval_times applies to token_order='ordered' only"):
         ordered_tokenizer(token_order="unordered", order_stages=None, interval_times=True)
 
 
-def test_hidden_truncation_tail_hides_the_tail_in_training_and_draws_times_below_the_last_kept_token():
+def test_hidden_truncation_tail_hides_the_tail_in_training_and_draws_times_below_the_last_kept_token(monkeypatch):
     tok = ordered_tokenizer(
         truncation_prob=1.0, truncation_tail="hidden", interval_times=True, batch_mul=2, mask_ratio_min=1.0
     ).train()
@@ -220,8 +221,8 @@ def test_hidden_truncation_tail_hides_the_tail_in_training_and_draws_times_below
 
     handle = tok.decoder.register_forward_pre_hook(capture, with_kwargs=True)
     flow_times = []
-    original = tok._flow_loss
-    tok._flow_loss = lambda x0, c, g, t=None: flow_times.append(t) or original(x0, c, g, t)
+    original = objective.flow_loss
+    monkeypatch.setattr(objective, "flow_loss", lambda *a: flow_times.append(a[-1]) or original(*a))
     out = tok.loss(tiny_images(64, seed=2), generator=torch.Generator().manual_seed(0))
     handle.remove()
     out.loss.backward()

@@ -43,6 +43,7 @@ from einops import rearrange
 from torch import nn
 
 from .checks import check_image_range
+from .layers import draw
 from .resampler import perplexity
 from .tokenizer import DecodeOutput, ReconstructOutput
 from .training import TokenizerEvalModule, adamw_warmup_cosine
@@ -82,12 +83,11 @@ class VQForwardOutput:
 def sample_rows(rows: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(k, D) rows drawn from `rows` (M, D): without replacement when M >= k, else with replacement plus
     Gaussian noise of 1 % of the rows' std (so that copies of one row are distinct codes)."""
-    gen_device = generator.device if generator is not None else rows.device
     rows = rows.float()
     if len(rows) >= k:
-        return rows[torch.randperm(len(rows), generator=generator, device=gen_device)[:k].to(rows.device)]
-    pick = torch.randint(len(rows), (k,), generator=generator, device=gen_device).to(rows.device)
-    noise = torch.randn(k, rows.shape[1], generator=generator, device=gen_device).to(rows.device)
+        return rows[draw(torch.randperm, len(rows), generator=generator, device=rows.device)[:k]]
+    pick = draw(torch.randint, len(rows), (k,), generator=generator, device=rows.device)
+    noise = draw(torch.randn, k, rows.shape[1], generator=generator, device=rows.device)
     return rows[pick] + 0.01 * rows.std(0, keepdim=True).nan_to_num(1.0) * noise
 
 

@@ -135,3 +135,91 @@ def distribution_warning(images: torch.Tensor, statistics: dict) -> str | None:
         "images in [0, 1] instead of [-1, 1] (map with x * 2 - 1), inverted colours (e.g. dark digits on a light "
         "background), or data the tokenizer was never trained on"
     )
+
+
+# ---------------------------------------------------------------------------- image and latent contracts
+
+
+def check_images(
+    images: torch.Tensor,
+    *,
+    channels: int,
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    check_values: bool = True,
+    model: str = "tokenizer",
+) -> None:
+    """Raise a ValueError naming the problem unless images are (B, C, H, W) floats in [-1, 1] for a `model` that
+    takes `channels` x `size` x `size` images in `dtype` on `device`.
+
+    The rules: a tensor of 4 axes; floating point of the model's dtype (nothing is cast silently; mixed
+    precision is ``torch.autocast``'s job); on the model's device; C, H, W as configured; at least one image
+    (an empty batch, B = 0, is an error: its loss would be NaN and it has nothing to encode); finite values in
+    [-1, 1] (give or take ``RANGE_TOLERANCE``). `check_values=False` checks all but the values (no
+    device-to-host sync)."""
+    c, s = channels, size
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor (B, {c}, {s}, {s}), got {type(images).__name__}")
+    if images.ndim != 4:
+        hint = " add a batch axis with images[None]" if images.ndim == 3 else ""
+        raise ValueError(f"images must have 4 axes (B, C, H, W), got shape {tuple(images.shape)};{hint}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}; use x.float() / 127.5 - 1")
+    if images.dtype != dtype:
+        raise ValueError(
+            f"images are {images.dtype} but this {model} computes in {dtype}; convert them with "
+            f"images.to({dtype}) (images.float() for float32), and for mixed precision keep {dtype} images "
+            "and run under torch.autocast"
+        )
+    if images.device != device:
+        raise ValueError(
+            f"images are on {images.device} but this {model} is on {device}; move them with images.to('{device}')"
+        )
+    if images.shape[1] != c:
+        raise ValueError(f"images have {images.shape[1]} channels but this {model} expects {c}")
+    if images.shape[-2:] != (s, s):
+        raise ValueError(
+            f"images are {images.shape[-2]}x{images.shape[-1]} but this {model} expects {s}x{s}; "
+            "resize, crop or pad them first (v2flow.data.load_image and pad_to_size do it on request)"
+        )
+    if images.shape[0] == 0:
+        raise ValueError(
+            f"images hold an empty batch (shape {tuple(images.shape)}); pass at least one image "
+            "(skip empty batches before calling)"
+        )
+    if check_values:
+        check_image_range(images)
+
+
+def check_latents(
+    latents: torch.Tensor,
+    *,
+    channels: int,
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    check_values: bool = True,
+) -> None:
+    """Raise a ValueError naming the problem unless latents are finite floats (B, c, h, w) of a first stage
+    that gives `channels` x `size` x `size` latents, in `dtype` on `device`."""
+    c, s = channels, size
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or not latents.is_floating_point():
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a float tensor (B, {c}, {s}, {s}), got {got}")
+    if latents.shape[1:] != (c, s, s):
+        raise ValueError(
+            f"latents are {tuple(latents.shape[1:])} but this tokenizer's first stage gives ({c}, {s}, {s}); "
+            "were they cached with another autoencoder or image size?"
+        )
+    if latents.shape[0] == 0:
+        raise ValueError("latents hold an empty batch (B = 0)")
+    if latents.dtype != dtype:
+        raise ValueError(
+            f"latents are {latents.dtype} but this tokenizer computes in {dtype}; convert them with "
+            f"latents.to({dtype}) (a float16 cache is read back as float32 by LatentCacheDataset)"
+        )
+    if latents.device != device:
+        raise ValueError(f"latents are on {latents.device} but this tokenizer is on {device}")
+    if check_values and not torch.isfinite(latents).all():
+        raise ValueError("latents contain NaN or inf values")

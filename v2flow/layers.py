@@ -13,6 +13,13 @@ from einops import rearrange
 from torch import nn
 
 
+def draw(sampler, *args, generator: torch.Generator | None = None, device=None, **kwargs) -> torch.Tensor:
+    """A random draw of `sampler` (``torch.rand``, ``randn``, ``randint``, ``randperm``) made on the generator's
+    device and moved to `device`, so a seeded generator gives the same numbers wherever the result goes."""
+    where = generator.device if generator is not None else device
+    return sampler(*args, generator=generator, device=where, **kwargs).to(device)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation `x * (1 + scale) + shift`; shift/scale broadcast over all but the last axis of `x`."""
     return x * (1 + scale) + shift

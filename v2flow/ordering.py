@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .layers import draw
+
 SELFTOK_STAGES = (16.0, 48.0, 72.0, 184.0, 192.0)
 PREFIX_SAMPLING = ("uniform", "pow2")
 TRUNCATION_TAILS = ("token", "hidden")
@@ -135,14 +137,11 @@ def sample_prefix_lengths(
         raise ValueError(f"unknown prefix sampling {mode!r}; choose one of {PREFIX_SAMPLING}")
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-    gen_device = generator.device if generator is not None else device
     if mode == "uniform":
-        lengths = torch.randint(1, num_tokens + 1, (batch_size,), generator=generator, device=gen_device)
-    else:
-        choices = sorted({2**i for i in range(num_tokens.bit_length()) if 2**i < num_tokens} | {num_tokens})
-        pick = torch.randint(len(choices), (batch_size,), generator=generator, device=gen_device)
-        lengths = torch.tensor(choices, device=gen_device)[pick]
-    return lengths.to(device)
+        return draw(torch.randint, 1, num_tokens + 1, (batch_size,), generator=generator, device=device)
+    choices = sorted({2**i for i in range(num_tokens.bit_length()) if 2**i < num_tokens} | {num_tokens})
+    pick = draw(torch.randint, len(choices), (batch_size,), generator=generator, device=device)
+    return torch.tensor(choices, device=device)[pick]
 
 
 def _check_times(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from einops import repeat
 from torchdiffeq import odeint
 
+from .layers import draw
 from .velocity import shift_time
 
 FIXED_SOLVERS = ("euler", "midpoint", "rk4")
@@ -207,16 +208,15 @@ def masked_flow_sample(
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
     if not 0.0 <= stop_at <= 1.0:
         raise ValueError(f"stop_at must be a noise level in [0, 1], got {stop_at}")
-    gen_device = generator.device if generator is not None else device
     patches = torch.zeros(batch_size, num_patches, patch_dim, device=device)
     known = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
-    order = torch.rand(batch_size, num_patches, generator=generator, device=gen_device).argsort(dim=1).to(device)
+    order = draw(torch.rand, batch_size, num_patches, generator=generator, device=device).argsort(dim=1)
     stretches = _stretches(num_steps, shift, breakpoints, solver, end=stop_at)  # the estimate replaces the rest
     start = 0
     for count in reveal_counts(num_patches, num_iters):
         reveal = order[:, start : start + count]  # (B, n)
         start += count
-        x = temperature * torch.randn(batch_size * count, patch_dim, generator=generator, device=gen_device).to(device)
+        x = temperature * draw(torch.randn, batch_size * count, patch_dim, generator=generator, device=device)
         for grid in stretches:
             t0 = float(grid[0]) if grid is not None else 1.0
             field = _field(conditions, velocity, patches, known, reveal, t0, cfg_scale)

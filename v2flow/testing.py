@@ -25,8 +25,6 @@ TINY_CONFIG: dict = dict(
     encoder_heads=2,
     num_entries=32,
     llm_dim=24,
-    code_dim=8,
-    codebook_size=16,
     decoder_dim=16,
     decoder_encoder_depth=1,
     decoder_depth=1,
@@ -35,7 +33,10 @@ TINY_CONFIG: dict = dict(
     head_depth=1,
     sample_steps=2,
 )
-"""The smallest tokenizer that exercises every part: 2x2 patches of 4x4 pixels, 4 tokens, depth-1 stacks."""
+"""The smallest tokenizer that exercises every part: 2x2 patches of 4x4 pixels, 4 tokens, depth-1 stacks.
+:func:`tiny_tokenizer` adds the tiny sizes of mode-specific keys (``TINY_MODE_SIZES``) where they apply."""
+
+TINY_MODE_SIZES: dict = dict(code_dim=8, codebook_size=16)
 
 TINY_LLM_VOCAB_SIZE = 100
 """Rows of the random embedding table :func:`tiny_vocabulary` draws its entries from."""
@@ -57,7 +58,12 @@ def tiny_tokenizer(seed: int = 0, **overrides) -> V2FlowTokenizer:
     a fresh head predict v = 0 whatever its condition) get small random values instead, so that a decode depends on the
     tokens, as a trained tokenizer's does, and a test that changes tokens can see a change."""
     torch.manual_seed(seed)
-    tok = V2FlowTokenizer(**{**TINY_CONFIG, **overrides})
+    config = {**TINY_CONFIG, **overrides}
+    if config.get("quantizer", "vocab") == "vq":
+        config.setdefault("codebook_size", TINY_MODE_SIZES["codebook_size"])
+    elif config.get("estimator", "projected") == "projected":
+        config.setdefault("code_dim", TINY_MODE_SIZES["code_dim"])
+    tok = V2FlowTokenizer(**config)
     with torch.no_grad():
         for p in tok.head.parameters():
             if not p.any():

@@ -21,22 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from einops import repeat
 from safetensors.torch import save_file
 from torch import nn
 
-from .checks import check_image_range, check_statistics, check_types, distribution_warning
+from . import objective
+from .checks import check_images, check_latents, check_statistics, check_types, distribution_warning
 from .encoder import QueryEncoder
 from .first_stage import build_first_stage
 from .hub import AUTOENCODER_DIR, CONFIG_NAME, VOCAB_NAME, WEIGHTS_NAME, load_weights, read_json, resolve_pretrained
 from .layers import patchify, unpatchify
 from .masked_transformer import MaskedTransformer
-from .ordering import PREFIX_SAMPLING, SELFTOK_STAGES, TRUNCATION_TAILS, OrderSchedule, sample_prefix_lengths
+from .objective import LossOutput, check_objective_config
+from .ordering import SELFTOK_STAGES, OrderSchedule
 from .resampler import VocabularyResampler, perplexity
 from .sampling import masked_flow_sample
 from .settings import DecodeSettings
 from .utils import replace_dir
-from .velocity import TIME_SAMPLING, VelocityHead, flow_matching_loss, sample_time, time_cdf, time_quantile
+from .velocity import VelocityHead
 from .vocab import LLMVocabulary
 
 TOKEN_ORDERS = ("unordered", "ordered")
@@ -74,23 +75,62 @@ class ReconstructOutput:
     ids: torch.Tensor
 
 
-@dataclass
-class LossOutput:
-    """loss: the scalar to minimise; parts: named (weighted) terms; indices (B, N) the tokens drawn."""
+class _TokenConditions:
+    """The sampler's ``conditions(patches (B, L, P), mask (B, L), t)`` for given token embeddings (B, N, d):
+    the masked transformer's per-patch conditions (B, L, D) from the tokens visible at noise level t (ordered
+    mode), a prefix's tail replaced by the truncation token (`keep` (B, N)) or hidden (`hidden_tail` (B, N)),
+    and with guidance the unconditional conditions of the same call."""
 
-    loss: torch.Tensor
-    parts: dict[str, torch.Tensor]
-    indices: torch.Tensor
+    def __init__(self, decoder, schedule, embeddings, keep, hidden_tail, cfg_scale: float) -> None:
+        self.decoder, self.schedule, self.embeddings = decoder, schedule, embeddings
+        self.keep, self.hidden_tail, self.cfg_scale = keep, hidden_tail, cfg_scale
+
+    def visible_at(self, t: float) -> torch.Tensor | None:
+        """(B, N) bool tokens in play at noise level t, or None for all."""
+        visible = self.hidden_tail
+        if self.schedule is not None:
+            b, device = self.embeddings.shape[0], self.embeddings.device
+            at_t = self.schedule.visibility(torch.full((b,), t)).to(device)  # (B, N)
+            visible = at_t if visible is None else visible & at_t
+        return visible
+
+    def __call__(self, patches: torch.Tensor, mask: torch.Tensor, t: float):
+        visible, keep, b = self.visible_at(t), self.keep, self.embeddings.shape[0]
+        if self.cfg_scale == 1.0:
+            return self.decoder(self.embeddings, patches, mask, token_mask=visible, token_keep=keep), None
+        both = self.decoder(
+            self.embeddings.repeat(2, 1, 1),
+            patches.repeat(2, 1, 1),
+            mask.repeat(2, 1),
+            torch.arange(2 * b, device=patches.device) >= b,  # the second half drops its tokens
+            token_mask=None if visible is None else visible.repeat(2, 1),
+            token_keep=None if keep is None else keep.repeat(2, 1),
+        )
+        return both[:b], both[b:]
 
 
-def _randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+# keys that mean something in one mode only: (key, whether it applies, the mode it belongs to). A value other
+# than the default in another mode is refused rather than silently ignored.
+_MODE_KEYS = (
+    ("codebook_size", lambda c: c["quantizer"] == "vq", "quantizer='vq'"),
+    ("code_dim", lambda c: c["quantizer"] == "vocab" and c["estimator"] == "projected", "estimator='projected'"),
+    ("estimator", lambda c: c["quantizer"] == "vocab", "quantizer='vocab'"),
+    ("vocab_selection", lambda c: c["quantizer"] == "vocab", "quantizer='vocab'"),
+    ("prefix_sampling", lambda c: c["truncation_prob"] > 0, "truncation_prob > 0"),
+    ("truncation_tail", lambda c: c["truncation_prob"] > 0, "truncation_prob > 0"),
+    ("time_mean", lambda c: c["time_sampling"] == "logit_normal", "time_sampling='logit_normal'"),
+    ("time_std", lambda c: c["time_sampling"] == "logit_normal", "time_sampling='logit_normal'"),
+)
 
 
-def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+def _refuse_keys_of_other_modes(config: dict) -> None:
+    defaults = {k: p.default for k, p in inspect.signature(V2FlowTokenizer.__init__).parameters.items()}
+    for key, applies, mode in _MODE_KEYS:
+        if config[key] != defaults[key] and not applies(config):
+            raise ValueError(
+                f"{key}={config[key]!r} applies to {mode} only and this config would ignore it; "
+                f"remove {key} or choose {mode}"
+            )
 
 
 class V2FlowTokenizer(nn.Module):
@@ -228,26 +268,12 @@ class V2FlowTokenizer(nn.Module):
                 f"image_size {image_size} is not a multiple of patch_size {patch_size}; "
                 f"choose image_size = k * {patch_size}"
             )
-        if not 0.0 < mask_ratio_min <= mask_ratio_max <= 1.0:
-            raise ValueError(f"need 0 < mask_ratio_min <= mask_ratio_max <= 1, got {mask_ratio_min}, {mask_ratio_max}")
-        if batch_mul < 1:
-            raise ValueError(f"batch_mul must be >= 1, got {batch_mul}")
-        if mask_ratio_std <= 0:
-            raise ValueError(f"mask_ratio_std must be > 0, got {mask_ratio_std}")
-        if time_sampling not in TIME_SAMPLING:
-            raise ValueError(f"unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLING}")
         if token_order not in TOKEN_ORDERS:
             raise ValueError(f"unknown token_order {token_order!r}; choose one of {TOKEN_ORDERS}")
         if order_stages is not None and token_order != "ordered":
             raise ValueError("order_stages applies to token_order='ordered' only")
-        if not 0.0 <= truncation_prob <= 1.0:
-            raise ValueError(f"truncation_prob must be in [0, 1], got {truncation_prob}")
-        if interval_times and token_order != "ordered":
-            raise ValueError("interval_times applies to token_order='ordered' only")
-        if prefix_sampling not in PREFIX_SAMPLING:
-            raise ValueError(f"unknown prefix_sampling {prefix_sampling!r}; choose one of {PREFIX_SAMPLING}")
-        if truncation_tail not in TRUNCATION_TAILS:
-            raise ValueError(f"unknown truncation_tail {truncation_tail!r}; choose one of {TRUNCATION_TAILS}")
+        check_objective_config(config)
+        _refuse_keys_of_other_modes(config)
         self.schedule = OrderSchedule(num_tokens, order_stages or SELFTOK_STAGES) if token_order == "ordered" else None
         if first_stage != "autoencoder" and (autoencoder is not None or autoencoder_subfolder is not None):
             raise ValueError("autoencoder / autoencoder_subfolder apply to first_stage='autoencoder' only")
@@ -340,32 +366,15 @@ class V2FlowTokenizer(nn.Module):
         self.first_stage.set_autoencoder(autoencoder.to(self.vocabulary.embeddings.device))  # the tokenizer's device
 
     def check_latents(self, latents: torch.Tensor, check_values: bool = True) -> None:
-        """Raise a ValueError naming the problem unless latents are finite floats (B, c, h, w) of the first stage.
-
-        `check_values=False` checks type and shape only (no device-to-host sync)."""
-        c, s = self.first_stage.latent_channels, self.first_stage.latent_size
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or not latents.is_floating_point():
-            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"latents must be a float tensor (B, {c}, {s}, {s}), got {got}")
-        if latents.shape[1:] != (c, s, s):
-            raise ValueError(
-                f"latents are {tuple(latents.shape[1:])} but this tokenizer's first stage gives ({c}, {s}, {s}); "
-                "were they cached with another autoencoder or image size?"
-            )
-        if latents.shape[0] == 0:
-            raise ValueError("latents hold an empty batch (B = 0)")
+        """Raise a ValueError naming the problem unless latents are finite floats (B, c, h, w) of the first stage
+        (:func:`v2flow.checks.check_latents`); `check_values=False` skips the values (no device sync)."""
         weight = next(self.encoder.parameters())
-        if latents.dtype != weight.dtype:
-            raise ValueError(
-                f"latents are {latents.dtype} but this tokenizer computes in {weight.dtype}; convert them with "
-                f"latents.to({weight.dtype}) (a float16 cache is read back as float32 by LatentCacheDataset)"
-            )
-        if latents.device != weight.device:
-            raise ValueError(f"latents are on {latents.device} but this tokenizer is on {weight.device}")
-        if check_values and not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or inf values")
+        c, s = self.first_stage.latent_channels, self.first_stage.latent_size
+        check_latents(latents, channels=c, size=s, dtype=weight.dtype, device=weight.device, check_values=check_values)
 
-    def _inputs(self, images: torch.Tensor | None, latents: torch.Tensor | None, check_values: bool) -> torch.Tensor:
+    def patches_of(
+        self, images: torch.Tensor | None, latents: torch.Tensor | None, check_values: bool = True
+    ) -> torch.Tensor:
         """Patches (B, L, P) of images (through the first stage) or of given latents; exactly one of the two."""
         if (images is None) == (latents is None):
             raise ValueError("give images or latents (exactly one of the two)")
@@ -385,52 +394,15 @@ class V2FlowTokenizer(nn.Module):
     # ------------------------------------------------------------------ input checks
 
     def check_images(self, images: torch.Tensor, check_values: bool = True) -> None:
-        """Raise a ValueError naming the problem unless images are (B, C, H, W) floats in [-1, 1].
-
-        The rules, the single place for them: a tensor of 4 axes; floating point of the tokenizer's weight
-        dtype (float32 images for a float32 tokenizer, also under ``torch.autocast``, which does the mixed
-        precision; nothing is cast silently); on the tokenizer's device; C, H, W as configured; at least one
-        image (an empty batch, B = 0, is an error: its loss would be NaN and it has nothing to encode); finite
-        values in [-1, 1] (give or take ``RANGE_TOLERANCE``).
-
-        `check_values=False` checks all but the values (no device-to-host sync; used by the training loss)."""
-        c, s = self.config["in_channels"], self.config["image_size"]
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor (B, {c}, {s}, {s}), got {type(images).__name__}")
-        if images.ndim != 4:
-            hint = " add a batch axis with images[None]" if images.ndim == 3 else ""
-            raise ValueError(f"images must have 4 axes (B, C, H, W), got shape {tuple(images.shape)};{hint}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}; use x.float() / 127.5 - 1")
-        weight = next(self.encoder.parameters())
+        """Raise a ValueError naming the problem unless images are (B, C, H, W) floats in [-1, 1] of the
+        configured size, in the dtype and on the device of the weights that read them (the autoencoder's, when
+        installed): :func:`v2flow.checks.check_images`. `check_values=False` skips the values (no device sync;
+        used by the training loss)."""
         autoencoder = getattr(self.first_stage, "autoencoder", None)  # it, when installed, reads the images
+        weight = next(self.encoder.parameters())
         dtype = next(autoencoder.parameters()).dtype if autoencoder is not None else weight.dtype
-        if images.dtype != dtype:
-            raise ValueError(
-                f"images are {images.dtype} but this tokenizer computes in {dtype}; convert them with "
-                f"images.to({dtype}) (images.float() for float32), and for mixed precision keep {dtype} images "
-                "and run under torch.autocast"
-            )
-        if images.device != weight.device:
-            raise ValueError(
-                f"images are on {images.device} but this tokenizer is on {weight.device}; "
-                f"move them with images.to('{weight.device}')"
-            )
-        if images.shape[1] != c:
-            raise ValueError(f"images have {images.shape[1]} channels but this tokenizer expects {c}")
-        if images.shape[-2:] != (s, s):
-            raise ValueError(
-                f"images are {images.shape[-2]}x{images.shape[-1]} but this tokenizer expects {s}x{s}; "
-                "resize or crop them first (v2flow.data.load_image does it on request)"
-            )
-        if images.shape[0] == 0:
-            raise ValueError(
-                f"images hold an empty batch (shape {tuple(images.shape)}); pass at least one image "
-                "(skip empty batches before calling)"
-            )
-        if not check_values:
-            return
-        check_image_range(images)
+        c, s = self.config["in_channels"], self.config["image_size"]
+        check_images(images, channels=c, size=s, dtype=dtype, device=weight.device, check_values=check_values)
 
     def _ids_to_indices(self, ids: torch.Tensor, prefix: bool = False) -> torch.Tensor:
         """Validate ids (B, N) (or a prefix (B, k) when `prefix`) and map them to row indices (B, N) (int64).
@@ -493,17 +465,8 @@ class V2FlowTokenizer(nn.Module):
         return patchify(self.first_stage.encode(images), self.config["patch_size"])  # (B, L, P)
 
     def sample_mask(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, L) bool training mask: one ratio per batch from a truncated normal, random positions per sample."""
-        lo, hi, std = self.config["mask_ratio_min"], self.config["mask_ratio_max"], self.config["mask_ratio_std"]
-        normal = torch.distributions.Normal(0.0, 1.0)
-        a, b = normal.cdf(torch.tensor((lo - hi) / std)), torch.tensor(0.5)
-        u = a + (b - a) * _rand((), generator, "cpu")
-        ratio = float((hi + std * torch.special.ndtri(u)).clamp(lo, hi))
-        num_masked = min(max(round(ratio * self.num_patches), 1), self.num_patches)
-        order = _rand((batch_size, self.num_patches), generator, device).argsort(dim=1)
-        return order < num_masked
-
-    # ------------------------------------------------------------------ training objective
+        """(B, L) bool training mask (:func:`v2flow.objective.sample_mask`)."""
+        return objective.sample_mask(self.config, self.num_patches, batch_size, device, generator)
 
     def loss(
         self,
@@ -512,130 +475,17 @@ class V2FlowTokenizer(nn.Module):
         *,
         latents: torch.Tensor | None = None,
     ) -> LossOutput:
-        """Training loss on a batch of images (B, C, H, W), or of cached first-stage latents (B, c, h, w):
-        flow matching on masked patches plus regularisers."""
+        """Training loss on images (B, C, H, W) or cached first-stage latents (B, c, h, w): flow matching on
+        masked patches plus regularisers (:func:`v2flow.objective.tokenizer_loss`)."""
         self._require_vocabulary()
-        patches = self._inputs(images, latents, check_values=False)  # (B, L, P)
-        out = self.resampler(self.encoder(patches), generator)
-        b, device = patches.shape[0], patches.device
-        mask = self.sample_mask(b, device, generator)
-        drop = _rand((b,), generator, device) < self.config["cond_drop_prob"]
-        t, visible = self._ordered_times(b, device, generator)
-        keep = self._truncation(b, device, generator) if self.training else None  # (B, N) or None
-        lengths = None
-        if keep is not None and self.config["truncation_tail"] == "hidden":
-            lengths, visible, keep = keep.sum(1), keep if visible is None else visible & keep, None
-        cond = self.decoder(
-            out.embeddings, patches, mask, drop if self.training else None, token_mask=visible, token_keep=keep
-        )  # (B, L, D)
-        x0, c = patches[mask], cond[mask]  # (M, P), (M, D)
-        parts = {"flow": self._flow_loss(x0, c, generator, self._patch_times(t, mask, generator, lengths))}
-        if self.patch_predictor is not None:
-            keep = (mask & ~drop[:, None]) if self.training else mask  # (B, L)
-            # a masked mean, not mse_loss on a selection: a batch whose every sample dropped its tokens gives 0, not NaN
-            err = (self.patch_predictor(cond) - patches).pow(2).mean(-1)  # (B, L)
-            parts["aux"] = self.config["aux_weight"] * (err * keep).sum() / keep.sum().clamp_min(1)
-        parts.update(out.losses)
-        return LossOutput(sum(parts.values()), parts, out.indices)
+        return objective.tokenizer_loss(self, images, generator, latents=latents)
 
-    def _ordered_times(self, batch_size: int, device, generator: torch.Generator | None):
-        """Ordered mode: one noise level per sample (B,) and the tokens visible at it (B, N); else (None, None)."""
-        if self.schedule is None:
-            return None, None
-        cfg = self.config
-        t = sample_time(
-            batch_size,
-            method=cfg["time_sampling"],
-            mean=cfg["time_mean"],
-            std=cfg["time_std"],
-            shift=cfg["time_shift"],
-            device=device,
-            generator=generator,
-        )
-        return t, self.schedule.visibility(t)
-
-    def _patch_times(
-        self,
-        t: torch.Tensor | None,
-        mask: torch.Tensor,
-        generator: torch.Generator | None,
-        lengths: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
-        """Ordered mode: the flow loss's times for the masked patches of samples at levels t (B,): (M,), each
-        patch at its sample's level, or with ``interval_times`` (batch_mul * M,), one per noise draw, drawn
-        inside the stretch where the sample's visible tokens stay the same (with `lengths` (B,), the prefix
-        lengths of samples truncated with a hidden tail, the visible tokens are min(k(t), length) of them).
-        None in unordered mode."""
-        if t is None:
-            return None
-        cfg = self.config
-        if not cfg["interval_times"]:
-            return t[:, None].expand(mask.shape)[mask]  # (M,)
-        lo, hi = self.schedule.visibility_interval(t, lengths)  # (B,) each
-        # float64: near t = 1 the CDF is within 1e-6 of 1, where float32 would leave a stretch a few values
-        lo, hi = (
-            repeat(x[:, None].expand(mask.shape)[mask], "m -> (r m)", r=cfg["batch_mul"]).double() for x in (lo, hi)
-        )
-        dist = dict(method=cfg["time_sampling"], mean=cfg["time_mean"], std=cfg["time_std"], shift=cfg["time_shift"])
-        u_lo, u_hi = time_cdf(lo, **dist), time_cdf(hi, **dist)
-        u = u_lo + (u_hi - u_lo) * _rand(lo.shape, generator, lo.device).double()
-        times = torch.minimum(torch.maximum(time_quantile(u, **dist), lo), hi)
-        return times.to(t.dtype)  # (batch_mul * M,)
-
-    def _truncation(self, batch_size: int, device, generator: torch.Generator | None) -> torch.Tensor | None:
-        """Nested truncation: (B, N) bool, a random prefix kept in a `truncation_prob` share of the samples."""
-        cfg = self.config
-        if cfg["truncation_prob"] <= 0:
-            return None
-        n = cfg["num_tokens"]
-        lengths = sample_prefix_lengths(batch_size, n, cfg["prefix_sampling"], generator, device)
-        truncate = _rand((batch_size,), generator, device) < cfg["truncation_prob"]
-        lengths = torch.where(truncate, lengths, torch.full_like(lengths, n))
-        return torch.arange(n, device=device)[None, :] < lengths[:, None]
-
-    def _flow_loss(
-        self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None, t: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        cfg = self.config
-        return flow_matching_loss(
-            self.head,
-            x0,
-            cond,
-            batch_mul=cfg["batch_mul"],
-            time_sampling=cfg["time_sampling"],
-            time_mean=cfg["time_mean"],
-            time_std=cfg["time_std"],
-            time_shift=cfg["time_shift"],
-            t=t,
-            generator=generator,
-        )
-
-    @torch.no_grad()
     def token_usefulness(
         self, images: torch.Tensor | None = None, seed: int = 0, *, latents: torch.Tensor | None = None
     ) -> dict[str, float]:
-        """How much the decoder relies on the tokens: the flow loss (all patches masked, as at decoding) with the
-        true tokens and with tokens shuffled across the batch, under identical noise and times."""
+        """Flow loss with true and with shuffled tokens (:func:`v2flow.objective.token_usefulness`)."""
         self._require_vocabulary()
-        was_training = self.training
-        self.eval()
-        try:
-            patches = self._inputs(images, latents, check_values=True)  # (B, L, P)
-            b, device = patches.shape[0], patches.device
-            indices = self.resampler(self.encoder(patches)).indices
-            mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=device)
-            result = {}
-            shuffled = indices.roll(1, dims=0)
-            for name, idx in (("true", indices), ("shuffled", shuffled)):
-                generator = torch.Generator(device=device).manual_seed(seed)
-                t, visible = self._ordered_times(b, device, generator)
-                cond = self.decoder(self.resampler.embed(idx), patches, mask, token_mask=visible)
-                t = self._patch_times(t, mask, generator)
-                result[f"flow_loss_{name}"] = float(self._flow_loss(patches[mask], cond[mask], generator, t))
-        finally:
-            self.train(was_training)
-        result["shuffle_gap"] = result["flow_loss_shuffled"] / max(result["flow_loss_true"], 1e-12) - 1.0
-        return result
+        return objective.token_usefulness(self, images, seed, latents=latents)
 
     # ------------------------------------------------------------------ public verbs
 
@@ -654,7 +504,7 @@ class V2FlowTokenizer(nn.Module):
             :class:`EncodeOutput` with ids (B, N), indices (B, N), soft_embeddings (B, N, d_llm), probs (B, N, K).
         """
         self._require_vocabulary()
-        patches = self._inputs(images, latents, check_values=True)
+        patches = self.patches_of(images, latents, check_values=True)
         statistics = self.config["input_statistics"]
         if images is not None and statistics is not None:
             message = distribution_warning(images, statistics)
@@ -717,70 +567,29 @@ class V2FlowTokenizer(nn.Module):
                 mean of the images the prefix allows). No effect on a full sequence.
             generator: for reproducible noise and reveal order.
         """
-        settings = self.decode_defaults.resolve(
-            num_steps=num_steps, solver=solver, num_iters=num_iters, cfg_scale=cfg_scale, shift=shift,
-            temperature=temperature,
-        )  # fmt: skip
-        num_steps, solver, num_iters = settings.num_steps, settings.solver, settings.num_iters
-        cfg_scale, shift, temperature = settings.cfg_scale, settings.shift, settings.temperature
+        given = dict(num_steps=num_steps, solver=solver, num_iters=num_iters, cfg_scale=cfg_scale, shift=shift)
+        settings = self.decode_defaults.resolve(**given, temperature=temperature)
         self._require_vocabulary()
         n = self.config["num_tokens"]
         k = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.ndim == 2 else n
-        if k != n:
-            if k < 1:
-                raise ValueError("an empty prefix holds no tokens; give ids of shape (B, k) with k >= 1")
-            if k > n:
-                raise ValueError(
-                    f"ids hold {k} tokens per image but this tokenizer writes N = {n}: they come from a different "
-                    "tokenizer; decode them with the tokenizer that encoded them"
-                )
-            if self.schedule is None and not allow_truncation:
-                raise ValueError(
-                    f"ids hold {k} tokens per image but this tokenizer writes N = {n}. If they come from another "
-                    "tokenizer, decode them with that one. If they are a prefix: this tokenizer is unordered, so "
-                    f"its first {k} tokens are not a coarse version of the image; to decode them anyway with the "
-                    "tail masked pass allow_truncation=True (command line: --allow-truncation)"
-                )
+        self._check_prefix_length(k, allow_truncation)
         indices = self._ids_to_indices(ids, prefix=True)  # (B, k)
-        device = self.vocabulary.embeddings.device
-        b = ids.shape[0]
+        device, b = self.vocabulary.embeddings.device, ids.shape[0]
         keep = hidden_tail = None
         if k < n:
             indices = torch.cat([indices, indices.new_zeros(b, n - k)], dim=1)  # the tail is never read
             kept = torch.arange(n, device=device)[None, :].expand(b, n) < k  # (B, N)
             keep, hidden_tail = (kept, None) if self.decoder.truncation_token is not None else (None, kept)
-        embeddings = self.resampler.embed(indices)  # (B, N, d)
-        stop_at = 0.0
+        conditions = _TokenConditions(
+            self.decoder, self.schedule, self.resampler.embed(indices), keep, hidden_tail, settings.cfg_scale
+        )
+        stop_at, breakpoints = 0.0, []
         if prefix_estimate and k < n:
             stop_at = float(self.schedule.token_times()[k]) if self.schedule is not None else 1.0
-        breakpoints: list[float] = []
         if self.schedule is not None:  # the visible tokens change where tokens enter (only up to k if hidden)
             breakpoints = self.schedule.token_times()[1 : (n if hidden_tail is None else k)].tolist()
         was_training = self.training
         self.eval()
-
-        def visible_at(t: float) -> torch.Tensor | None:
-            visible = hidden_tail
-            if self.schedule is not None:
-                at_t = self.schedule.visibility(torch.full((b,), t)).to(device)  # (B, N)
-                visible = at_t if visible is None else visible & at_t
-            return visible
-
-        def conditions(patches: torch.Tensor, mask: torch.Tensor, t: float):
-            visible = visible_at(t)
-            if cfg_scale == 1.0:
-                return self.decoder(embeddings, patches, mask, token_mask=visible, token_keep=keep), None
-            drop = torch.arange(2 * b, device=device) >= b
-            both = self.decoder(
-                embeddings.repeat(2, 1, 1),
-                patches.repeat(2, 1, 1),
-                mask.repeat(2, 1),
-                drop,
-                token_mask=None if visible is None else visible.repeat(2, 1),
-                token_keep=None if keep is None else keep.repeat(2, 1),
-            )
-            return both[:b], both[b:]
-
         try:
             patches = masked_flow_sample(
                 conditions,
@@ -788,12 +597,7 @@ class V2FlowTokenizer(nn.Module):
                 batch_size=b,
                 num_patches=self.num_patches,
                 patch_dim=self.patch_dim,
-                num_steps=num_steps,
-                num_iters=num_iters,
-                solver=solver,
-                cfg_scale=cfg_scale,
-                shift=shift,
-                temperature=temperature,
+                **settings.as_dict(),
                 rtol=rtol,
                 atol=atol,
                 breakpoints=breakpoints,
@@ -806,6 +610,26 @@ class V2FlowTokenizer(nn.Module):
         size = self.first_stage.latent_size
         latents = unpatchify(patches, self.config["patch_size"], size, size)  # (B, c, h, w)
         return DecodeOutput(images=self.first_stage.decode(latents).clamp(-1, 1), latents=latents)
+
+    def _check_prefix_length(self, k: int, allow_truncation: bool) -> None:
+        """Refuse ids of k tokens per image unless they are a prefix this tokenizer can decode."""
+        n = self.config["num_tokens"]
+        if k == n:
+            return
+        if k < 1:
+            raise ValueError("an empty prefix holds no tokens; give ids of shape (B, k) with k >= 1")
+        if k > n:
+            raise ValueError(
+                f"ids hold {k} tokens per image but this tokenizer writes N = {n}: they come from a different "
+                "tokenizer; decode them with the tokenizer that encoded them"
+            )
+        if self.schedule is None and not allow_truncation:
+            raise ValueError(
+                f"ids hold {k} tokens per image but this tokenizer writes N = {n}. If they come from another "
+                "tokenizer, decode them with that one. If they are a prefix: this tokenizer is unordered, so "
+                f"its first {k} tokens are not a coarse version of the image; to decode them anyway with the "
+                "tail masked pass allow_truncation=True (command line: --allow-truncation)"
+            )
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, **decode_kwargs) -> ReconstructOutput:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import nn
 
-from .layers import AdaLNResBlock, TimestepEmbedder, modulate
+from .layers import AdaLNResBlock, TimestepEmbedder, draw, modulate
 
 TIME_SAMPLING = ("uniform", "logit_normal")
 
@@ -58,14 +58,13 @@ def sample_time(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(n,) training times in [0, 1): uniform, or sigmoid of a normal (logit-normal), then shifted."""
-    gen_device = generator.device if generator is not None else device
     if method == "uniform":
-        t = torch.rand(n, generator=generator, device=gen_device)
+        t = draw(torch.rand, n, generator=generator, device=device)
     elif method == "logit_normal":
-        t = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=gen_device))
+        t = torch.sigmoid(mean + std * draw(torch.randn, n, generator=generator, device=device))
     else:
         raise ValueError(f"unknown time sampling {method!r}; choose one of {TIME_SAMPLING}")
-    return shift_time(t.to(device), shift)
+    return shift_time(t, shift)
 
 
 class VelocityHead(nn.Module):
@@ -164,7 +163,6 @@ def flow_matching_loss(
             f"t must have shape (M,) = ({x0.shape[0] // batch_mul},) or (batch_mul * M,) = ({x0.shape[0]},), "
             f"got {tuple(t.shape)}"
         )
-    gen_device = generator.device if generator is not None else x0.device
-    noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0)
+    noise = draw(torch.randn, x0.shape, generator=generator, device=x0.device).to(x0.dtype)
     x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
     return F.mse_loss(head(x_t, t, cond), noise - x0)
