@@ -43,7 +43,7 @@ from PIL import Image, features
 import v2flow
 from v2flow import V2FlowTokenizer
 from v2flow.checks import RANGE_TOLERANCE
-from v2flow.data import load_image
+from v2flow.images import load_image
 from v2flow.testing import tiny_tokenizer
 
 PACKAGE_DIR = Path(v2flow.__file__).resolve().parent

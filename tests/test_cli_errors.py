@@ -108,7 +108,8 @@ def test_images_are_never_converted_silently(tmp_path, capsys, tok_dir):
 
 
 def test_padding_matches_the_training_digits():
-    from v2flow.data import load_mnist, pad_to_size
+    from v2flow.data import load_mnist
+    from v2flow.images import pad_to_size
 
     padded, _ = load_mnist("test", pad_to=32)
     raw, _ = load_mnist("test", pad_to=28)

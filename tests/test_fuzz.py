@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import fuzz_cases as fc
-from v2flow.data import load_image
+from v2flow.images import load_image
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)
 

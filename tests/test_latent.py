@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from v2flow import V2FlowTokenizer
 from v2flow.cli import lightning_cli, main
+from v2flow.data import LatentCacheDataModule
 from v2flow.first_stage import load_autoencoder
-from v2flow.latent_cache import LatentCacheDataModule, cache_latents, read_index
+from v2flow.latent_cache import cache_latents, read_index
 
 
 def tiny_autoencoder(levels: int = 2, seed: int = 0) -> AutoencoderKL:
@@ -170,7 +171,7 @@ def test_cache_latents_resumes_and_matches(tmp_path, autoencoder_dir):
         assert all(torch.equal(a[k], b[k]) for k in a)
     # the stored latents are the first stage's
     tok = latent_tokenizer()
-    from v2flow.data import load_image
+    from v2flow.images import load_image
 
     first = load_image(data / "im000.png", 3, 16)[None]
     stored = load_file(tmp_path / "full" / "shard-00000.safetensors")
@@ -266,7 +267,7 @@ def test_imagenet256_config_fast_dev_run(tmp_path, vae8_dir):
         [
             "fit",
             *args,
-            "--data=v2flow.latent_cache.LatentCacheDataModule",
+            "--data=v2flow.data.LatentCacheDataModule",
             f"--data.init_args.root={tmp_path / 'cache'}",
             "--data.init_args.batch_size=2",
             "--data.init_args.val_fraction=0.3",

@@ -143,7 +143,7 @@ def _output_stems(files: list[Path]) -> list[str]:
 
 
 def _image_files(inputs: list[str]) -> list[Path]:
-    from .data import IMAGE_SUFFIXES, list_images
+    from .images import IMAGE_SUFFIXES, list_images
 
     files: list[Path] = []
     for item in inputs:
@@ -178,7 +178,7 @@ def _image_batches(files: list[Path], tokenizer, a: argparse.Namespace, desc: st
     from torch.utils.data import DataLoader, Dataset
     from tqdm.auto import tqdm
 
-    from .data import load_image, pad_to_size
+    from .images import load_image, pad_to_size
     from .utils import releasing_heap
 
     cfg = tokenizer.config

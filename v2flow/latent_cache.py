@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import ImageFileDataset, _ImageDataModule, list_images
 from .first_stage import AutoencoderFirstStage, autoencoder_downsample, load_autoencoder
+from .images import ImageFileDataset, list_images
 from .utils import releasing_heap
 
 INDEX_NAME = "index.json"
@@ -195,42 +195,3 @@ class LatentCacheDataset(Dataset):
             handle = self._handles[shard["file"]] = safe_open(self.root / shard["file"], framework="pt")
         key = "latents_flipped" if self.hflip and torch.rand(()) < 0.5 else "latents"
         return {"latents": handle.get_slice(key)[row - shard["first"]].float()}
-
-
-class LatentCacheDataModule(_ImageDataModule):
-    """Trains from a latent cache written by ``v2flow cache-latents``: batches ``{"latents": (B, c, h, w)}``.
-
-    A seeded `val_fraction` of the cached images is held out for validation (and test), never flipped. The
-    training module measures PSNR/SSIM against the autoencoder's decoding of the cached latents.
-
-    Args:
-        root: the cache directory.
-        batch_size, eval_batch_size, num_workers: the loaders.
-        val_fraction: share of the images held out.
-        hflip: use the stored flipped latents for half of the training items.
-        split_seed: seed of the held-out split.
-    """
-
-    def __init__(
-        self,
-        root: str,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        val_fraction: float = 0.01,
-        hflip: bool = True,
-        split_seed: int = 0,
-    ) -> None:
-        super().__init__(batch_size, num_workers, eval_batch_size)
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        self.root, self.val_fraction, self.hflip, self.split_seed = root, val_fraction, hflip, split_seed
-
-    def setup(self, stage: str | None = None) -> None:
-        n = read_index(self.root)["meta"]["num_images"]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-        n_val = max(1, round(n * self.val_fraction))
-        if n - n_val < 1:
-            raise ValueError(f"the latent cache {self.root} has {n} images: too few to hold out {n_val} and train")
-        self.val_set = self.test_set = LatentCacheDataset(self.root, sorted(order[:n_val]))
-        self.train_set = LatentCacheDataset(self.root, sorted(order[n_val:]), hflip=self.hflip)
