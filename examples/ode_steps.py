@@ -4,6 +4,8 @@
 
 Grid rows: originals, then one row per (solver, num_steps); dopri5 is adaptive and gets a single row.
 The plot's PSNR is measured on `--num-images` test digits with the same noise seed for every setting.
+Writes ``ode_steps_grid.png``, ``psnr_vs_steps.png`` and ``ode_steps.json`` (one row per setting: solver,
+num_steps, psnr, ssim) into ``--output``.
 """
 
 from __future__ import annotations
@@ -12,27 +14,37 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
-import torch
-
-from v2flow import V2FlowTokenizer
-from v2flow.data import load_mnist
-from v2flow.metrics import psnr_ssim
-from v2flow.utils import save_image_grid
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/mnist-smollm2-32")
-    p.add_argument("--output", default="outputs/ode_steps")
-    p.add_argument("--num-images", type=int, default=200)
-    p.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8, 16])
-    p.add_argument("--solvers", nargs="+", default=["euler", "midpoint", "rk4", "flow_match_euler"])
+    p.add_argument("--checkpoint", default="checkpoints/mnist-smollm2-32", help="a pretrained tokenizer directory")
+    p.add_argument("--output", default="outputs/ode_steps", help="folder for the PNGs and the JSON")
+    p.add_argument("--num-images", type=int, default=200, help="MNIST test digits whose PSNR is plotted")
+    p.add_argument(
+        "--steps", nargs="+", type=int, default=[1, 2, 4, 8, 16], help="ODE steps per iteration, one row each"
+    )
+    p.add_argument(
+        "--solvers",
+        nargs="+",
+        default=["euler", "midpoint", "rk4", "flow_match_euler"],
+        help="fixed-step solvers (dopri5, adaptive, is always added as one row)",
+    )
     p.add_argument("--columns", type=int, default=12, help="digits shown in the grid")
     a = p.parse_args()
+    if a.num_images < 1 or a.columns < 1 or min(a.steps) < 1:
+        p.error("--num-images, --columns and every --steps value must be >= 1")
+
+    import matplotlib
+    import torch
+
+    from v2flow import V2FlowTokenizer
+    from v2flow.data import load_mnist
+    from v2flow.metrics import psnr_ssim
+    from v2flow.utils import save_image_grid
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     out = Path(a.output)
     tok = V2FlowTokenizer.from_pretrained(a.checkpoint)
     images, _ = load_mnist("test")
@@ -46,7 +58,7 @@ def main() -> None:
             rows.append(recon[: a.columns])
             results.append({"solver": solver, "num_steps": steps, **psnr_ssim(recon, images)})
             print(json.dumps(results[-1]))
-    save_image_grid(torch.cat(rows), out / "ode_steps_grid.png", nrow=a.columns)
+    save_image_grid(torch.cat(rows), out / "ode_steps_grid.png", nrow=min(a.columns, len(images)))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for solver in a.solvers:

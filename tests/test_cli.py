@@ -65,6 +65,7 @@ def test_fit_resume_export_and_tools(tmp_path, tiny_run):
         "--trainer.callbacks.save_last=true",
         "--trainer.callbacks.every_n_train_steps=2",
         f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        "--model.statistics_images=24",  # 3 batches of 8: not reached by step 2, reached after resuming
     ]
     cli = lightning_cli(["fit", *tiny_run, *ckpt_cb, "--trainer.max_steps=2"])
     assert cli.trainer.global_step == 2
@@ -73,11 +74,16 @@ def test_fit_resume_export_and_tools(tmp_path, tiny_run):
     assert {"val/psnr", "val/ssim", "val/shuffle_gap", "val/flow", "val/aux"} <= set(metrics)
     last = tmp_path / "ckpt" / "last.ckpt"
     assert last.exists()
+    saved = torch.load(last, weights_only=False)
+    assert saved["v2flow_tokenizer_config"]["input_statistics"]["num_images"] == 16  # what step 2 had seen
+    assert sum(len(f) for f in saved["v2flow_input_features"]) == 16  # ... and gathering goes on after a resume
     grids = list((tmp_path / "logs").rglob("reconstructions/val_step*.png"))
     assert grids, "validation must write a reconstruction grid"
     # resume: training continues from step 2, with the optimiser state restored
     cli = lightning_cli(["fit", *tiny_run, *ckpt_cb, "--trainer.max_steps=4", f"--ckpt_path={last}"])
     assert cli.trainer.global_step == 4
+    statistics = cli.model.tokenizer.config["input_statistics"]
+    assert statistics["num_images"] == 24 and statistics["data"].startswith("MNIST training digits")
     # validate and test subcommands
     with pytest.raises(
         ValueError, match=r"last\.ckpt does not fit this tokenizer config \(num_tokens: checkpoint 4, config 6"
@@ -90,6 +96,7 @@ def test_fit_resume_export_and_tools(tmp_path, tiny_run):
     assert main(["export", str(last), str(out)]) == 0
     tok = V2FlowTokenizer.from_pretrained(out)
     assert tok.config["num_tokens"] == 4
+    assert tok.config["input_statistics"] == statistics  # the export knows its training data
     assert main(["export", str(last), str(out)]) == 2, "export over an existing directory must refuse"
     assert main(["export", str(last), str(out), "--overwrite", "--set", "sample_steps=3"]) == 0
     assert V2FlowTokenizer.from_pretrained(out).config["sample_steps"] == 3

@@ -99,21 +99,40 @@ def test_lm_fit_checkpoint_exports_and_reloads(assets):
     assert cli.trainer.global_step == 3
 
 
-def test_token_cache_is_computed_once_and_keyed_on_the_weights(assets):
+def test_token_cache_is_computed_once_says_so_and_keeps_only_what_training_reads(assets, monkeypatch):
+    import v2flow.lm_training
+    from v2flow.data import load_mnist
+
+    said = []
+    monkeypatch.setattr(v2flow.lm_training, "rank_zero_info", said.append)
     dm = MNISTTokenDataModule(
         assets["image_tok"], batch_size=4, train_limit=8, val_limit=8, captions=["{digit} as {word}"]
     )
     dm.prepare_data()
-    dm.setup("fit")
     files = sorted((assets["root"] / "cache" / "tokens").iterdir())
     assert len(files) == 2
+    # two lines per split: what is cached where (and how long it takes) before, the time and size after
+    assert len(said) == 4 and "Caching the image tokens of 8 MNIST train digits" in said[0]
+    assert str(files[0]) in said[0] and "min" in said[0] and "the bar shows the time left" in said[0]
+    assert said[1].startswith("Cached 8 x 4 image tokens in") and "MB" in said[1]
+    payload = torch.load(files[0], weights_only=True)
+    assert payload["ids"].dtype == torch.int32 and payload["labels"].dtype == torch.uint8
+    # the labels were a slice of the split's 50,000: saved alone, not with the whole storage (400 kB as int64)
+    assert files[0].stat().st_size < 4_000
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a cached split must not be encoded again")
+
+    monkeypatch.setattr(v2flow.lm_training, "encode_images", no_encoding)
+    dm.setup("fit")
+    assert len(said) == 4, "loading the cache says nothing"
     ids, captions = next(iter(dm.train_dataloader()))
     assert ids.shape == (4, TINY["num_tokens"]) and all(" as " in c for c in captions)
     tok = V2FlowTokenizer.from_pretrained(assets["image_tok"])
-    from v2flow.data import load_mnist
-
-    images, _ = load_mnist("val")
-    assert torch.equal(dm.sets["val"].tensors[0], tok.encode(images[:8]).ids)
+    images, labels = load_mnist("val")
+    ids, cached_labels = dm.sets["val"].tensors
+    assert torch.equal(ids, tok.encode(images[:8]).ids) and ids.dtype == torch.long
+    assert torch.equal(cached_labels, labels[:8]) and cached_labels.dtype == torch.long
 
 
 def test_bad_lm_settings_are_refused(assets):

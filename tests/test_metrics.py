@@ -22,6 +22,7 @@ from v2flow.metrics import (
     evaluate_tokenizer,
     frechet_distance_gaussians,
     inception_extractor,
+    kernel_inception_distance,
     ms_ssim_settings,
 )
 
@@ -172,24 +173,131 @@ def test_fd_of_shifted_gaussians_matches_the_closed_form():
     assert fd == pytest.approx(population, rel=0.1)  # sampling error of 4000 draws
 
 
-def test_kid_matches_a_hand_computed_unbiased_mmd():
+def cubic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KID's kernel, in float64: cubic polynomial, gamma 1/F, coef 1 (torchmetrics' default)."""
+    a, b = a.double(), b.double()
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def paired_kid(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The U-statistic over pairs i != j, written out term by term."""
+    n = len(x)
+    h = cubic(x, x) + cubic(y, y) - cubic(x, y) - cubic(y, x)
+    return float((h * (1 - torch.eye(n, dtype=h.dtype))).sum() / (n * (n - 1)))
+
+
+def test_kid_matches_a_hand_computed_u_statistic_and_jackknife():
     images, recon = rand_images(12), rand_images(12, seed=1)
     extractor = TinyConvFeatures()
-    m = ReconstructionMetrics(feature_extractor=extractor, kid_subset_size=100)  # more than 12: all 12 are used
-    m.update(recon, images)
+    m = ReconstructionMetrics(feature_extractor=extractor)
+    m.update(recon[:5], images[:5])
+    m.update(recon[5:], images[5:])
     result = m.compute()
     with torch.no_grad():
         fx, fy = extractor.features(images).double(), extractor.features(recon).double()
+    scale = float(fx.square().mean().sqrt())  # the real features' RMS coordinate
+    fx, fy = fx / scale, fy / scale
+    loo = torch.tensor([paired_kid(fx[torch.arange(12) != i], fy[torch.arange(12) != i]) for i in range(12)])
+    jackknife = float(((12 - 1) / 12 * (loo - loo.mean()).square().sum()).sqrt())
+    assert result["kid_subset_size"] == 12 and result["kid_feature_scale"] == pytest.approx(scale, rel=1e-6)
+    assert result["kid_mean"] == pytest.approx(paired_kid(fx, fy), rel=1e-5, abs=1e-9)
+    assert result["kid_std"] == pytest.approx(jackknife, rel=1e-5)
+    assert "standard error" in result["kid_note"] and "not x 1000" in result["kid_note"]
+    # torchmetrics' estimator on the whole set keeps the 12 kernels between an input and its own
+    # reconstruction (i = j); without them it is this one: the same kernel and normalisation otherwise
+    from torchmetrics.image.kid import poly_mmd
 
-    def k(a, b):  # torchmetrics' default kernel: cubic polynomial, gamma 1/F, coef 1
-        return (a @ b.T / a.shape[1] + 1) ** 3
+    k_xy = cubic(fx, fy)
+    with_pairs = float(poly_mmd(fx, fy))
+    assert with_pairs == pytest.approx(
+        paired_kid(fx, fy) + 2 * float(k_xy.sum() - k_xy.trace()) / (12 * 11) - 2 * float(k_xy.sum()) / 12**2,
+        rel=1e-9,
+        abs=1e-9,
+    )
 
-    mm = len(fx)
-    off = 1 - torch.eye(mm, dtype=torch.float64)
-    mmd = ((k(fx, fx) * off).sum() + (k(fy, fy) * off).sum()) / (mm * (mm - 1)) - 2 * k(fx, fy).mean()
-    assert result["kid_subset_size"] == 12
-    assert result["kid_mean"] == pytest.approx(float(mmd), rel=1e-4, abs=1e-7)
-    assert result["kid_std"] == pytest.approx(0.0, abs=1e-6)  # every subset is the whole set
+
+def test_kid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g)
+    assert kernel_inception_distance(x, x) == pytest.approx((0.0, 0.0), abs=1e-12)  # every h_ij is zero
+    kids = [kernel_inception_distance(x, x + shift) for shift in (0.1, 0.3, 0.6, 1.0)]
+    assert all(0 < a[0] < b[0] for a, b in zip(kids, kids[1:], strict=False))
+    assert all(kid > 3 * std for kid, std in kids[1:]), "a clear shift stands out of its standard error"
+    # subsets: the mean agrees with the whole-set value, the spread is that of a KID on 50 pairs
+    whole, _ = kernel_inception_distance(x, x + 0.3)
+    mean, spread = kernel_inception_distance(x, x + 0.3, 50, 200, torch.Generator().manual_seed(0))
+    assert mean == pytest.approx(whole, rel=0.1) and spread > kids[1][1]
+    with pytest.raises(ValueError, match="subset_size must be in"):
+        kernel_inception_distance(x, x, subset_size=301)
+    with pytest.raises(ValueError, match="n reconstructions"):
+        kernel_inception_distance(x, x[:5])
+
+
+def test_kid_standard_error_matches_the_spread_over_repeated_samples():
+    """Over 200 independent draws of 60 (input, reconstruction) pairs, the jackknife standard error is the
+    standard deviation of the estimate, and the estimate is unbiased where the two distributions agree."""
+    g = torch.Generator().manual_seed(0)
+    kids, errors = [], []
+    for _ in range(200):
+        x = torch.randn(60, 4, generator=g)
+        y = x + 0.5 * torch.randn(60, 4, generator=g)  # a noisy "reconstruction" of each input
+        kid, err = kernel_inception_distance(x, y)
+        kids.append(kid)
+        errors.append(err)
+    kids, errors = torch.tensor(kids), torch.tensor(errors)
+    assert 0.8 < float(errors.mean() / kids.std()) < 1.25
+    null = []
+    for _ in range(200):  # the same distribution: KID near 0 in mean, within its error
+        x, y = torch.randn(60, 4, generator=g), torch.randn(60, 4, generator=g)
+        null.append(kernel_inception_distance(x, y))
+    values = torch.tensor([k for k, _ in null])
+    assert abs(float(values.mean())) < 3 * float(values.std()) / 200**0.5
+    assert sum(abs(k) < 2 * e for k, e in null) >= 0.9 * 200
+
+
+def test_kid_does_not_depend_on_the_extractors_scale_but_inception_features_are_used_as_they_are():
+    images, recon = rand_images(40, size=8), rand_images(40, size=8, seed=1) * 0.8
+
+    class Scaled(FirstPixels):
+        def __init__(self, factor: float) -> None:
+            super().__init__(6)
+            self.factor = factor
+
+        def features(self, images):
+            return self.factor * super().features(images)
+
+    results = []
+    for factor in (0.01, 1.0, 40.0):
+        m = ReconstructionMetrics(feature_extractor=Scaled(factor))
+        m.update(recon, images)
+        results.append(m.compute())
+    for r in results[1:]:
+        assert r["kid_mean"] == pytest.approx(results[0]["kid_mean"], rel=1e-4)
+        assert r["kid_std"] == pytest.approx(results[0]["kid_std"], rel=1e-4)
+    assert results[2]["kid_feature_scale"] == pytest.approx(4000 * results[0]["kid_feature_scale"], rel=1e-5)
+    assert "divided by" in results[0]["kid_note"]
+    fixed = Scaled(40.0)
+    fixed.kid_feature_scale = 1.0  # as InceptionFeatures declares: the standard KID, on raw features
+    m = ReconstructionMetrics(feature_extractor=fixed)
+    m.update(recon, images)
+    raw = m.compute()
+    with torch.no_grad():
+        expected = paired_kid(fixed.features(images), fixed.features(recon))
+    assert raw["kid_feature_scale"] == 1.0 and "as they are" in raw["kid_note"]
+    assert raw["kid_mean"] == pytest.approx(expected, rel=1e-4)
+    assert InceptionFeatures.kid_feature_scale == 1.0
+
+
+def test_kid_subsets_report_their_spread():
+    images, recon = rand_images(30), rand_images(30, seed=1)
+    m = ReconstructionMetrics(feature_extractor=TinyConvFeatures(), kid_subset_size=10, kid_subsets=20, seed=3)
+    m.update(recon, images)
+    first = m.compute()
+    assert first["kid_subset_size"] == 10 and first["kid_std"] > 0
+    assert "20 subsets of 10 images" in first["kid_note"] and "not the error of kid_mean" in first["kid_note"]
+    assert m.compute()["kid_mean"] == first["kid_mean"], "the subsets are drawn with the seed"
+    with pytest.raises(ValueError, match="kid_subset_size None"):
+        ReconstructionMetrics(kid_subset_size=1)
 
 
 def test_fd_needs_two_images_and_an_extractor():

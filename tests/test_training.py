@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_tokenizer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from v2flow.training import EMA, V2FlowModule, tokenizer_from_checkpoint
 
@@ -77,3 +80,146 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         tokenizer_from_checkpoint(tmp_path / "garbage.ckpt")
+
+
+# ---------------------------------------------------------------------------- what a run shows and leaves
+
+
+def tiny_fit_args(tmp_path) -> list[str]:
+    """configs/quickstart.yaml made tiny: a random 64-entry vocabulary, 4 tokens, 64 digits, 3 steps."""
+    from safetensors.torch import save_file
+
+    table = tmp_path / "table.safetensors"
+    save_file({"embeddings": torch.randn(200, 576, generator=torch.Generator().manual_seed(0))}, table)
+    return [
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        f"--model.tokenizer.init_args.vocab_source={table}",
+        "--model.tokenizer.init_args.num_entries=64",
+        "--model.tokenizer.init_args.num_tokens=4",
+        "--data.init_args.train_limit=64",
+        "--data.init_args.val_limit=16",
+        "--data.init_args.batch_size=8",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+        "--trainer.val_check_interval=2",
+        "--trainer.max_steps=3",
+    ]
+
+
+def test_a_short_fit_shows_sensible_progress_and_summary_and_leaves_last_ckpt(tmp_path, capsys, monkeypatch):
+    """`v2flow fit --config configs/quickstart.yaml --trainer.max_steps N` (what the README's export reads):
+    last.ckpt holds the final step, also for a checkpoint that saved two steps earlier (mnist.yaml's every
+    200 steps); the bar is not labelled "Epoch 0/-2" and the summary prints no "Total FLOPs: 0"."""
+    from v2flow.cli import lightning_cli
+    from v2flow.training import ModelSummary, ProgressBar
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    every_2 = [
+        "--trainer.callbacks+=v2flow.training.Checkpoint",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=2",
+        f"--trainer.callbacks.dirpath={tmp_path / 'every_2'}",
+    ]
+    cli = lightning_cli([*tiny_fit_args(tmp_path), "--trainer.enable_model_summary=true", *every_2])
+    out = capsys.readouterr().out
+    assert cli.trainer.global_step == 3 and cli.trainer.max_epochs == -1
+    for last in (Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", tmp_path / "every_2" / "last.ckpt"):
+        assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3, last
+    assert (tmp_path / "every_2" / "epoch=0-step=2.ckpt").exists()
+    shown = {type(c) for c in cli.trainer.callbacks}
+    assert {ProgressBar, ModelSummary} <= shown
+    assert cli.trainer.progress_bar_callback._get_train_description(0).strip() == "Epoch 0"
+    assert "Total params" in out and "Trainable params" in out
+    assert "FLOPs" not in out and "/-2" not in out
+
+
+def test_progress_bar_epoch_label():
+    from types import SimpleNamespace
+
+    from v2flow.training import ProgressBar
+
+    bar = ProgressBar()
+    for max_epochs, label in ((-1, "Epoch 4"), (None, "Epoch 4"), (10, "Epoch 4/9")):
+        bar._trainer = SimpleNamespace(max_epochs=max_epochs)
+        description = bar._get_train_description(4)
+        assert description.strip() == label
+        assert len(description) >= len(bar.validation_description), "padded like Lightning's, so it does not jump"
+
+
+def test_model_summary_prints_flops_only_when_counted(capsys):
+    from v2flow.training import ModelSummary
+
+    data = [(" ", ["0"]), ("Name", ["net"]), ("Type", ["Linear"]), ("Params", ["10"]), ("Mode", ["train"])]
+    modes = {"train": 1, "eval": 0}
+    ModelSummary.summarize([*data, ("FLOPs", ["0"])], 10, 10, 4e-5, modes, total_flops=0)
+    out = capsys.readouterr().out
+    assert "Linear" in out and "Total params" in out and "FLOPs" not in out
+    ModelSummary.summarize([*data, ("FLOPs", ["2.0 K"])], 10, 10, 4e-5, modes, total_flops=2000)
+    out = capsys.readouterr().out
+    assert "Total FLOPs" in out and "2.0 K" in out
+
+
+def test_display_callbacks_replace_lightnings_and_keep_their_settings():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
+    from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+
+    from v2flow.training import DisplayCallbacks, ModelSummary, ProgressBar
+
+    module = DisplayCallbacks()
+    assert module.configure_callbacks() == [], "no trainer attached: nothing to replace"
+    for summary in (RichModelSummary(max_depth=3), LightningModelSummary(max_depth=3)):
+        module._trainer = SimpleNamespace(callbacks=[RichProgressBar(refresh_rate=7, leave=True), summary, EMA()])
+        bar, summary = module.configure_callbacks()
+        assert type(bar) is ProgressBar and (bar._refresh_rate, bar._leave) == (7, True)
+        assert type(summary) is ModelSummary and summary._max_depth == 3
+    module._trainer = SimpleNamespace(callbacks=[EMA()])  # enable_progress_bar / enable_model_summary false
+    assert module.configure_callbacks() == []
+
+
+def test_every_config_saves_last_ckpt_when_fit_ends():
+    import yaml
+
+    from v2flow.training import Checkpoint
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 10
+    for config in configs:
+        callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks", [])
+        saving = [c for c in callbacks if c["class_path"] == "v2flow.training.Checkpoint"]
+        assert len(saving) == 1 and saving[0]["init_args"]["save_last"] is True, config.name
+        assert not [c for c in callbacks if c["class_path"].endswith(".ModelCheckpoint")], config.name
+    assert issubclass(Checkpoint, ModelCheckpoint)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_saved_files_get_the_permissions_of_ordinary_files(tmp_path, umask):
+    """safetensors writes 0600 whatever the umask; an exported model must be as readable as its config.json."""
+    import os
+    import stat
+
+    from v2flow.utils import current_umask, follow_umask
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain_dir").mkdir()
+        out = make_tokenizer().save_pretrained(tmp_path / "tok")
+        files = sorted(out.iterdir())
+        assert {f.name for f in files} == {"config.json", "model.safetensors", "vocab.json"}
+        assert {f.name: mode(f) for f in files} == {f.name: mode(tmp_path / "plain.txt") for f in files}
+        assert mode(out) == mode(tmp_path / "plain_dir") == 0o777 & ~umask
+        script = tmp_path / "run.sh"
+        script.write_text("#!/bin/sh\n")
+        script.chmod(0o700)
+        follow_umask(script)
+        assert mode(script) == 0o777 & ~umask, "an executable file stays executable"
+    finally:
+        os.umask(old)

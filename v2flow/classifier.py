@@ -15,14 +15,13 @@ import os
 import shutil
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .training import warmup_cosine
+from .training import DisplayCallbacks, warmup_cosine
 from .utils import replace_dir
 
 CONFIG_NAME = "config.json"
@@ -155,7 +154,7 @@ def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Gene
 # ---------------------------------------------------------------------------- training
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(DisplayCallbacks):
     """Cross-entropy training of a :class:`DigitClassifier` on ``(images, labels)`` batches.
 
     Args:

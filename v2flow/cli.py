@@ -280,7 +280,12 @@ def tool_parser() -> argparse.ArgumentParser:
         "'inception WEIGHTS' (a local pt_inception-2015-12-05-6726825d.pth; needs torch-fidelity) or 'none' "
         "(default for other data)",
     )
-    p.add_argument("--kid-subset-size", type=int, default=100)
+    p.add_argument(
+        "--kid-subset-size",
+        type=int,
+        default=None,
+        help="images per KID subset (default: KID over all images, with its standard error)",
+    )
     p.add_argument("--output", default=None, help="also write the JSON to this file")
     _decode_options(p)
 

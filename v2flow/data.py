@@ -236,6 +236,8 @@ class MNISTDataModule(_ImageDataModule):
         super().__init__(batch_size, num_workers, eval_batch_size)
         self.path = path
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
+        # what a tokenizer trained here knows (stored with its input statistics, named in warnings)
+        self.description = "MNIST training digits: white on black, 28x28 padded to 32x32, in [-1, 1]"
 
     def _split(self, name: str) -> TensorDataset:
         images, labels = load_mnist(name, self.path)

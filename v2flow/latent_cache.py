@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .first_stage import AutoencoderFirstStage, autoencoder_downsample, load_autoencoder
 from .images import ImageFileDataset, list_images
-from .utils import releasing_heap
+from .utils import follow_umask, releasing_heap
 
 INDEX_NAME = "index.json"
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -143,6 +143,7 @@ def cache_latents(
         name = f"shard-{i:05d}.safetensors"
         tmp = output / f".{name}.tmp{os.getpid()}"
         save_file(tensors, tmp, metadata={"first": str(start), "count": str(stop - start)})
+        follow_umask(tmp)  # safetensors writes 0600 files
         tmp.replace(output / name)
         index["shards"].append({"file": name, "first": start, "count": stop - start})
         index["shards"].sort(key=lambda shard: shard["first"])

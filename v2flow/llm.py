@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .utils import replace_dir
+from .utils import follow_umask, replace_dir
 from .vocab import BUNDLED_SMOLLM2, _fingerprint, _special_ids, bundled_smollm2_path, cache_dir
 
 IMAGE_START = "<|image_start|>"
@@ -82,6 +82,7 @@ def load_causal_lm(source: str = BUNDLED_SMOLLM2, torch_dtype: torch.dtype = tor
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            follow_umask(tmp)  # safetensors writes 0600 files
             try:
                 tmp.rename(target)
             except OSError:  # another process finished first: keep its copy

@@ -1,4 +1,5 @@
-"""Lightning training of a V2FlowTokenizer: the LightningModule, the EMA callback and a replica check.
+"""Lightning training of a V2FlowTokenizer: the LightningModule, the EMA callback, a replica check, the
+checkpoint callback of every config, and the progress bar and model summary every v2flow module shows.
 
 The module holds training logic only: the objective is ``tokenizer.loss``; this file adds the optimiser
 schedule, temperature annealing, logging of the named loss parts and of vocabulary usage, and validation
@@ -7,16 +8,22 @@ reconstructions (PSNR/SSIM with torchmetrics, a PNG grid per validation).
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar, WeightAveraging
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from torchmetrics import MeanMetric
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
+from .checks import image_features, input_statistics
 from .metrics import psnr_per_image
 from .tokenizer import V2FlowTokenizer
 from .utils import save_image_grid
@@ -110,6 +117,121 @@ def _shards_weights(strategy: Any) -> bool:
     return False
 
 
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose ``last.ckpt`` (with ``save_last``) always holds the state at the end of
+    fit, which ``v2flow export .../last.ckpt`` and ``--ckpt_path .../last.ckpt`` read.
+
+    Lightning writes ``last.ckpt`` only next to another checkpoint (every `every_n_train_steps`, at
+    validation) and at the end of training only when it wrote none before; a run stopped by ``max_steps``
+    between two saves (``--trainer.max_steps 250`` with saves every 200) therefore kept the step-200 state as
+    its "last". This callback saves it when training ends, unless the final step was already saved (and, as
+    Lightning's saves, not under ``fast_dev_run``). All of ModelCheckpoint's arguments apply.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar with an epoch label that reads right in runs bounded by steps.
+
+    Lightning labels the training bar ``Epoch e/{max_epochs - 1}``; a run bounded by ``max_steps`` alone has
+    ``max_epochs=-1`` and showed "Epoch 0/-2". This bar writes ``Epoch e`` when the epochs are unbounded and
+    ``Epoch e/last`` (0-based, as Lightning) when they are bounded.
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        description = f"Epoch {current_epoch}"
+        if max_epochs is not None and max_epochs > 0:
+            description += f"/{max_epochs - 1}"
+        # as Lightning: padded to the validation label's width, so the bar does not jump between the two
+        return description.ljust(len(self.validation_description))
+
+
+class ModelSummary(RichModelSummary if _RICH_AVAILABLE else LightningModelSummary):
+    """Lightning's model summary (rich when ``rich`` is installed, as Lightning's default), without FLOPs it did
+    not count.
+
+    Lightning counts FLOPs only by running the module's ``forward`` on ``example_input_array``. The v2flow
+    modules have no single forward (training calls ``tokenizer.loss``, an LM step builds its batch from
+    captions), so Lightning printed a FLOPs column of zeros and "Total FLOPs: 0", which read as a
+    measurement. When the count is zero the column and the total are left out; a module that does set
+    ``example_input_array`` keeps them. Measured training FLOPs and MFU: :mod:`v2flow.flops`.
+    """
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        if not total_flops:
+            summary_data = [column for column in summary_data if column[0] != "FLOPs"]
+        totals = [
+            ("Trainable params", get_human_readable_count(int(trainable_parameters))),
+            ("Non-trainable params", get_human_readable_count(int(total_parameters - trainable_parameters))),
+            ("Total params", get_human_readable_count(int(total_parameters))),
+            ("Total estimated model params size (MB)", get_formatted_model_size(model_size)),
+            ("Modules in train mode", str(total_training_modes["train"])),
+            ("Modules in eval mode", str(total_training_modes["eval"])),
+        ]
+        if total_flops:
+            totals.append(("Total FLOPs", get_human_readable_count(int(total_flops))))
+        if not _RICH_AVAILABLE:
+            table = _format_summary_table(
+                total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *summary_data
+            )
+            if not total_flops:  # its last line is the FLOPs total
+                table = table.rsplit("\n", 1)[0]
+            _summary_log.info("\n" + table)
+            return
+        from rich import get_console
+        from rich.table import Table
+
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in summary_data:
+            justify = "right" if name in ("Params", "Params per Device", "FLOPs", "In sizes", "Out sizes") else "left"
+            table.add_column(name, justify=justify, style="dim" if name == " " else None, no_wrap=name == "Name")
+        for row in zip(*(values for _, values in summary_data), strict=True):
+            table.add_row(*row)
+        grid = Table.grid(expand=True)
+        grid.add_column()
+        for label, value in totals:
+            grid.add_row(f"[bold]{label}[/]: {value}")
+        console = get_console()
+        console.print(table)
+        console.print(grid)
+
+
+_summary_log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+
+
+class DisplayCallbacks(L.LightningModule):
+    """Mixin of the v2flow LightningModules: replaces Lightning's rich progress bar and its model summary (the
+    defaults, or the same classes named in a config) with :class:`ProgressBar` and :class:`ModelSummary`,
+    keeping their settings (see those classes for why). ``enable_progress_bar=false`` and
+    ``enable_model_summary=false`` still switch them off: there is nothing to replace then."""
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        callbacks: list[L.Callback] = []
+        trainer = self._trainer
+        if trainer is None:
+            return callbacks
+        for callback in trainer.callbacks:
+            if type(callback) is RichProgressBar:  # Lightning's TQDM bar, the default without rich, labels right
+                bar = ProgressBar(callback._refresh_rate, callback._leave, callback.theme, callback._console_kwargs)
+                callbacks.append(bar)
+            elif type(callback) in (LightningModelSummary, RichModelSummary):
+                callbacks.append(ModelSummary(callback._max_depth, **callback._summarize_kwargs))
+        return callbacks
+
+
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -190,7 +312,7 @@ class ReplicaCheck(L.Callback):
         self.check(trainer, pl_module, "at the end of training")
 
 
-class TokenizerEvalModule(L.LightningModule):
+class TokenizerEvalModule(DisplayCallbacks):
     """Validation and test bookkeeping shared by the tokenizer modules (:class:`V2FlowModule` and the VQ
     baseline's :class:`~v2flow.baseline.VQBaselineModule`).
 
@@ -273,6 +395,9 @@ class V2FlowModule(TokenizerEvalModule):
             and vocabulary usage.
         grid_size: digits in the validation PNG grid.
         seed: seed of the per-step generator (noise, masks, times), so runs are reproducible.
+        statistics_images: how many of the first training images give the tokenizer's ``input_statistics``
+            (per-image pixel mean and spread, :func:`v2flow.checks.input_statistics`), against which
+            ``encode`` warns on images far from the training data; 0 stores none.
     """
 
     def __init__(
@@ -291,8 +416,11 @@ class V2FlowModule(TokenizerEvalModule):
         val_recon_batches: int = 2,
         grid_size: int = 16,
         seed: int = 0,
+        statistics_images: int = 10000,
     ) -> None:
         super().__init__()
+        if statistics_images < 0 or statistics_images == 1:
+            raise ValueError(f"statistics_images must be 0 (none) or >= 2, got {statistics_images}")
         if temperature_end is not None and temperature_end <= 0:
             raise ValueError(f"temperature_end must be > 0, got {temperature_end}")
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -305,6 +433,7 @@ class V2FlowModule(TokenizerEvalModule):
             )
         install_autoencoder(tokenizer)
         self._init_eval(tokenizer.resampler.num_codes)
+        self._input_features: list[torch.Tensor] = []  # (n, 2) per-image pixel mean and spread, until stored
 
     # ------------------------------------------------------------------ steps
 
@@ -349,8 +478,29 @@ class V2FlowModule(TokenizerEvalModule):
         self.log(f"{stage}_loss", out.loss.detach(), prog_bar=True, sync_dist=sync, batch_size=size)
         return out.loss, out.indices
 
+    def _gather_input_statistics(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Collect the first `statistics_images` training images' features; store the statistics once full."""
+        wanted = self.hparams.statistics_images
+        if "images" not in inputs or wanted == 0 or self.tokenizer.config["input_statistics"] is not None:
+            return
+        seen = sum(len(f) for f in self._input_features)
+        self._input_features.append(image_features(inputs["images"][: wanted - seen]).cpu())
+        if seen + len(self._input_features[-1]) >= wanted:
+            self.tokenizer.config["input_statistics"] = self._input_statistics()
+            self._input_features = []
+
+    def _input_statistics(self) -> dict | None:
+        """The statistics of the training images gathered so far (None before two)."""
+        features = torch.cat(self._input_features) if self._input_features else torch.empty(0, 2)
+        if len(features) < 2:
+            return None
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(datamodule, "description", None) or f"training images of {type(datamodule).__name__}"
+        return input_statistics(features, data)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         self.anneal_temperature(self.global_step)
+        self._gather_input_statistics(self._inputs(batch))
         loss, indices = self._step(batch, "train", batch_idx)
         if batch_idx % 50 == 0:  # occasional: counting distinct ids syncs with the device
             if self.trainer.world_size > 1:  # the global batch: every rank reaches the same batch_idx
@@ -415,7 +565,11 @@ class V2FlowModule(TokenizerEvalModule):
                 "(an LM, classifier or vq checkpoint goes to `v2flow lm|classifier|vq`)"
             )
         current = self.tokenizer.current_config()
-        differs = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k != "temperature"}
+        learned = ("temperature", "input_statistics")  # what training sets, not the config
+        differs = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k not in learned}
+        # statistics still being gathered resume from their features; complete ones come back as they were
+        self._input_features = list(checkpoint.get("v2flow_input_features", []))
+        self.tokenizer.config["input_statistics"] = None if self._input_features else saved.get("input_statistics")
         self._loading_from = (path, differs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -432,7 +586,11 @@ class V2FlowModule(TokenizerEvalModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         vocab = self.tokenizer.vocabulary
-        checkpoint["v2flow_tokenizer_config"] = self.tokenizer.current_config()
+        config = self.tokenizer.current_config()
+        if config["input_statistics"] is None:  # a run shorter than statistics_images: what it saw so far
+            config["input_statistics"] = self._input_statistics()
+        checkpoint["v2flow_tokenizer_config"] = config
+        checkpoint["v2flow_input_features"] = list(self._input_features)  # empty once the statistics are stored
         checkpoint["v2flow_vocab"] = {
             "llm_name": vocab.llm_name,
             "llm_vocab_size": vocab.llm_vocab_size,

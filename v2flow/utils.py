@@ -1,4 +1,5 @@
-"""Small helpers: image grids and PNG writing (Pillow, no torchvision), and returning freed heap memory."""
+"""Small helpers: image grids and PNG writing (Pillow, no torchvision), atomic directory replacement with the
+permissions of ordinary files, and returning freed heap memory."""
 
 from __future__ import annotations
 
@@ -50,9 +51,43 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
     return save_image_grid(image[None], path, nrow=1, padding=0)
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (``0o022`` on most systems)."""
+    try:  # Linux >= 4.7 reports it without changing it, so no other thread sees a temporary mask
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> Path:
+    """Give `path`, and for a directory everything under it, the permissions that the umask gives a newly
+    created file or directory: ``0o666 & ~umask`` for files (``0o777 & ~umask`` for files that were
+    executable), ``0o777 & ~umask`` for directories.
+
+    Some writers create private files: safetensors' ``save_file`` (and so ``transformers``' and ``diffusers``'
+    ``save_pretrained``) writes mode 0600 whatever the umask, which leaves an exported model unreadable to
+    the other users of a shared machine while its ``config.json`` beside it is readable.
+    """
+    path = Path(path)
+    mask = current_umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if item.is_symlink():
+            continue
+        executable = item.is_dir() or item.stat().st_mode & 0o111
+        item.chmod((0o777 if executable else 0o666) & ~mask)
+    return path
+
+
 def replace_dir(staged: Path, path: Path) -> Path:
     """Move the complete directory `staged` to `path`; an existing `path` is moved aside first and deleted only
-    once the new one is in place, so a failure never leaves `path` damaged or missing."""
+    once the new one is in place, so a failure never leaves `path` damaged or missing. Everything moved in
+    gets the permissions of an ordinary new file or directory (:func:`follow_umask`)."""
+    follow_umask(staged)
     if path.exists():
         old = path.rename(path.with_name(f".{path.name}.old{os.getpid()}"))
         staged.rename(path)

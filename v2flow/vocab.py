@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .hub import VOCAB_NAME, WEIGHTS_NAME
+from .utils import follow_umask
 
 BUNDLED_SMOLLM2 = "smollm2"
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -245,6 +246,7 @@ def _cached(key: str, name: str, reader) -> _Table:
     (tmp / "meta.json").write_text(json.dumps(meta))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
+    follow_umask(tmp)  # safetensors writes 0600 files
     try:
         tmp.rename(target)
     except OSError:  # another process (a DDP rank) finished first: keep its copy
