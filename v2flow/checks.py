@@ -223,3 +223,43 @@ def check_latents(
         raise ValueError(f"latents are on {latents.device} but this tokenizer is on {device}")
     if check_values and not torch.isfinite(latents).all():
         raise ValueError("latents contain NaN or inf values")
+
+
+# ---------------------------------------------------------------------------- token ids
+
+# ids may come in any integer dtype; floats, bool and complex are refused, not cast
+ID_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_ids(ids: torch.Tensor, num_tokens: int, prefix: bool = False) -> None:
+    """Raise unless `ids` is an integer tensor (B, N) with B >= 1 and N = `num_tokens` (any 1 <= k when
+    `prefix`; the caller checks k). Any integer dtype is accepted (uint64 included); floats, bool and complex
+    are refused, not cast."""
+    n = num_tokens
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor of integer token ids (B, {n}), got {type(ids).__name__}")
+    if ids.dtype not in ID_DTYPES:
+        raise ValueError(
+            f"ids must be an integer tensor (B, {n}), got {ids.dtype}; use the int64 ids that encode() returns"
+        )
+    if ids.ndim != 2 or (ids.shape[1] != n and not prefix):
+        hint = "; add a batch axis with ids[None]" if ids.ndim == 1 else ""
+        raise ValueError(f"ids must have shape (B, {n}), got {tuple(ids.shape)}{hint}")
+    if ids.shape[0] == 0:
+        raise ValueError(f"ids hold an empty batch (shape {tuple(ids.shape)}); pass at least one sequence")
+    if ids.is_meta:
+        raise ValueError("ids are on the meta device and hold no values; pass real ids (from encode())")
+
+
+def shown_ids(ids: torch.Tensor, bad: torch.Tensor) -> list[int]:
+    """Up to 8 distinct values of `ids` where `bad`, read in their own dtype on the CPU (exact for uint64)."""
+    return sorted(set(ids.cpu()[bad.cpu()].tolist()))[:8]
+
+
+def check_codes(ids: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """Codebook indices (any integer dtype) as int64, or a ValueError naming those outside [0, num_codes)."""
+    wide = ids.long()  # uint64 ids >= 2**63 wrap to negative int64, so they are caught too
+    bad = (wide < 0) | (wide >= num_codes)
+    if bad.any():
+        raise ValueError(f"ids {shown_ids(ids, bad)} are outside the codebook [0, {num_codes})")
+    return wide

@@ -2,16 +2,23 @@
 
 A pretrained name is a local directory, or a Hugging Face Hub repository id (``owner/name``) that
 ``huggingface_hub.snapshot_download`` fetches or finds in the local hub cache (with ``HF_HUB_OFFLINE=1`` only
-the cache is read). Nothing here imports from the package.
+the cache is read). Every saved model is written through :func:`staged_directory`, so a save is atomic and
+never deletes a directory that is not a saved model of the same kind. Only the ground module ``utils``
+is imported from the package.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from .utils import replace_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -78,3 +85,70 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             f"{path} is not a readable safetensors file ({err}): it is truncated or corrupt, e.g. by an "
             "interrupted copy or download; copy or export the directory again"
         ) from err
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+
+@contextmanager
+def staged_directory(path: str | os.PathLike, marker: str, overwrite: bool = True) -> Iterator[Path]:
+    """The one way a model directory is written: into a temporary sibling of `path` that replaces `path` only
+    once the block has written everything (on an error it is removed and `path` is untouched).
+
+    An existing non-empty `path` is replaced only when it holds `marker` (the file that makes it a saved model
+    of this kind, e.g. ``config.json``) and `overwrite` is true: a directory of other files is never deleted.
+    Files get the permissions of ordinary new files (safetensors writes 0600).
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise FileExistsError(f"{path} is a file; give a directory to save into")
+        names = {p.name for p in path.iterdir()}
+        if names and marker not in names:
+            raise FileExistsError(
+                f"{path} holds files but no {marker}, so it is not a directory this model wrote; refusing to "
+                "replace it: choose a new or empty directory"
+            )
+        if names and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose a new directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    replace_dir(staged, path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary sibling and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    staged.write_text(text)
+    return staged.replace(path)
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors (contiguous CPU tensors, pt format metadata)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
+
+
+def load_state_checked(path: Path, expected: dict[str, torch.Tensor], map_location="cpu") -> dict[str, torch.Tensor]:
+    """The tensors of `path`, checked against a freshly built model's ``state_dict()``: every key present, no
+    extra key, every shape equal; a ValueError names the file and what differs."""
+    state = load_weights(path)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{path.name}: {key} has shape {tuple(value.shape)}, the config expects {tuple(expected[key].shape)}"
+            )
+    return {k: v.to(map_location) for k, v in state.items()}

@@ -109,48 +109,69 @@ def cache_latents(
         "num_images": len(files),
         "files_digest": _files_digest(names),
     }
-    output.mkdir(parents=True, exist_ok=True)
     index_path = output / INDEX_NAME
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-        differs = {k: (index["meta"].get(k), v) for k, v in meta.items() if index["meta"].get(k) != v}
-        if differs:
-            raise ValueError(
-                f"{output} holds a cache made with other settings ({differs}); choose another output directory "
-                "or delete it"
-            )
-    else:
-        index = {"meta": meta, "files": names, "shards": []}
-        _write_json(index_path, index)
+    index = _open_index(index_path, meta, names)
     done = {shard["file"] for shard in index["shards"]}
     num_shards = (len(files) + shard_size - 1) // shard_size
     todo = [i for i in range(num_shards) if f"shard-{i:05d}.safetensors" not in done]
     if max_shards is not None:
         todo = todo[:max_shards]
-    channels = first_stage.in_channels
     for i in tqdm(todo, desc=f"caching latents of {len(files)} images", unit="shard"):
         start, stop = i * shard_size, min((i + 1) * shard_size, len(files))
-        loader = DataLoader(
-            ImageFileDataset(files[start:stop], image_size, channels), batch_size=batch_size, num_workers=num_workers
-        )
-        parts: dict[str, list[torch.Tensor]] = {"latents": [], "latents_flipped": []}
-        for images, _ in releasing_heap(loader):
-            images = images.to(device)
-            parts["latents"].append(first_stage.encode(images).to(CACHE_DTYPES[dtype]).cpu())
-            if hflip:
-                parts["latents_flipped"].append(first_stage.encode(images.flip(-1)).to(CACHE_DTYPES[dtype]).cpu())
-        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
         name = f"shard-{i:05d}.safetensors"
-        tmp = output / f".{name}.tmp{os.getpid()}"
-        save_file(tensors, tmp, metadata={"first": str(start), "count": str(stop - start)})
-        follow_umask(tmp)  # safetensors writes 0600 files
-        tmp.replace(output / name)
+        _write_shard(
+            first_stage, files[start:stop], output / name, start, image_size, hflip, dtype, batch_size, num_workers
+        )
         index["shards"].append({"file": name, "first": start, "count": stop - start})
         index["shards"].sort(key=lambda shard: shard["first"])
         _write_json(index_path, index)
     index["complete"] = len(index["shards"]) == num_shards
     _write_json(index_path, index)
     return index
+
+
+def _open_index(path: Path, meta: dict, names: list[str]) -> dict:
+    """The index of a cache being written: the existing one (resumed) when its settings are `meta`, else new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        index = {"meta": meta, "files": names, "shards": []}
+        _write_json(path, index)
+        return index
+    index = json.loads(path.read_text())
+    differs = {k: (index["meta"].get(k), v) for k, v in meta.items() if index["meta"].get(k) != v}
+    if differs:
+        raise ValueError(
+            f"{path.parent} holds a cache made with other settings ({differs}); choose another output directory "
+            "or delete it"
+        )
+    return index
+
+
+def _write_shard(
+    first_stage: AutoencoderFirstStage,
+    files: list[Path],
+    path: Path,
+    first: int,
+    image_size: int,
+    hflip: bool,
+    dtype: str,
+    batch_size: int,
+    num_workers: int,
+) -> None:
+    """Encode `files` (the cache's images `first`, `first` + 1, ...) into one shard file, atomically."""
+    device = next(first_stage.autoencoder.parameters()).device
+    dataset = ImageFileDataset(files, image_size, first_stage.in_channels)
+    parts: dict[str, list[torch.Tensor]] = {"latents": [], "latents_flipped": []}
+    for images, _ in releasing_heap(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)):
+        images = images.to(device)
+        parts["latents"].append(first_stage.encode(images).to(CACHE_DTYPES[dtype]).cpu())
+        if hflip:
+            parts["latents_flipped"].append(first_stage.encode(images.flip(-1)).to(CACHE_DTYPES[dtype]).cpu())
+    tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
+    staged = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, staged, metadata={"first": str(first), "count": str(len(files))})
+    follow_umask(staged)  # safetensors writes 0600 files
+    staged.replace(path)
 
 
 def read_index(root: str | Path) -> dict:

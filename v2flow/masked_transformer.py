@@ -145,3 +145,37 @@ class MaskedTransformer(nn.Module):
         for block in self.decoder:
             h = block(h, decoder_keys)
         return self.decoder_norm(h[:, self.num_tokens :])  # (B, L, D)
+
+
+class TokenConditions:
+    """The sampler's ``conditions(patches (B, L, P), mask (B, L), t)`` for given token embeddings (B, N, d):
+    the masked transformer's per-patch conditions (B, L, D) from the tokens visible at noise level t (ordered
+    mode), a prefix's tail replaced by the truncation token (`keep` (B, N)) or hidden (`hidden_tail` (B, N)),
+    and with guidance the unconditional conditions of the same call."""
+
+    def __init__(self, decoder, schedule, embeddings, keep, hidden_tail, cfg_scale: float) -> None:
+        self.decoder, self.schedule, self.embeddings = decoder, schedule, embeddings
+        self.keep, self.hidden_tail, self.cfg_scale = keep, hidden_tail, cfg_scale
+
+    def visible_at(self, t: float) -> torch.Tensor | None:
+        """(B, N) bool tokens in play at noise level t, or None for all."""
+        visible = self.hidden_tail
+        if self.schedule is not None:
+            b, device = self.embeddings.shape[0], self.embeddings.device
+            at_t = self.schedule.visibility(torch.full((b,), t)).to(device)  # (B, N)
+            visible = at_t if visible is None else visible & at_t
+        return visible
+
+    def __call__(self, patches: torch.Tensor, mask: torch.Tensor, t: float):
+        visible, keep, b = self.visible_at(t), self.keep, self.embeddings.shape[0]
+        if self.cfg_scale == 1.0:
+            return self.decoder(self.embeddings, patches, mask, token_mask=visible, token_keep=keep), None
+        both = self.decoder(
+            self.embeddings.repeat(2, 1, 1),
+            patches.repeat(2, 1, 1),
+            mask.repeat(2, 1),
+            torch.arange(2 * b, device=patches.device) >= b,  # the second half drops its tokens
+            token_mask=None if visible is None else visible.repeat(2, 1),
+            token_keep=None if keep is None else keep.repeat(2, 1),
+        )
+        return both[:b], both[b:]

@@ -15,122 +15,45 @@ import inspect
 import json
 import math
 import os
-import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from . import objective
-from .checks import check_images, check_latents, check_statistics, check_types, distribution_warning
+from .checks import (
+    check_codes,
+    check_ids,
+    check_images,
+    check_latents,
+    check_types,
+    distribution_warning,
+)
+from .config import check_tokenizer_config
 from .encoder import QueryEncoder
 from .first_stage import build_first_stage
-from .hub import AUTOENCODER_DIR, CONFIG_NAME, VOCAB_NAME, WEIGHTS_NAME, load_weights, read_json, resolve_pretrained
+from .hub import (
+    AUTOENCODER_DIR,
+    CONFIG_NAME,
+    VOCAB_NAME,
+    WEIGHTS_NAME,
+    load_state_checked,
+    read_json,
+    resolve_pretrained,
+    save_weights,
+    staged_directory,
+)
 from .layers import patchify, unpatchify
-from .masked_transformer import MaskedTransformer
-from .objective import LossOutput, check_objective_config
+from .masked_transformer import MaskedTransformer, TokenConditions
+from .objective import LossOutput
 from .ordering import SELFTOK_STAGES, OrderSchedule
+from .outputs import DecodeOutput, EncodeOutput, ReconstructOutput
 from .resampler import VocabularyResampler, perplexity
 from .sampling import masked_flow_sample
 from .settings import DecodeSettings
-from .utils import replace_dir
 from .velocity import VelocityHead
 from .vocab import LLMVocabulary
-
-TOKEN_ORDERS = ("unordered", "ordered")
-# ids may come in any integer dtype; floats, bool and complex are refused, not cast
-_ID_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-@dataclass
-class EncodeOutput:
-    """ids (B, N): LLM token ids (``quantizer="vocab"``) or codebook indices (``"vq"``);
-    indices (B, N): row indices into the vocabulary subset / codebook;
-    soft_embeddings (B, N, d_llm): p @ E, points in the LLM's embedding space;
-    probs (B, N, K) when asked for."""
-
-    ids: torch.Tensor
-    indices: torch.Tensor
-    soft_embeddings: torch.Tensor
-    probs: torch.Tensor | None = None
-
-
-@dataclass
-class DecodeOutput:
-    """images (B, C, H, W) in [-1, 1]; latents (B, c, h, w): the first stage's latents they were decoded from
-    (the unclipped pixels for ``first_stage="pixels"``)."""
-
-    images: torch.Tensor
-    latents: torch.Tensor | None = None
-
-
-@dataclass
-class ReconstructOutput:
-    """images (B, C, H, W) in [-1, 1]; ids (B, N) the tokens they were decoded from."""
-
-    images: torch.Tensor
-    ids: torch.Tensor
-
-
-class _TokenConditions:
-    """The sampler's ``conditions(patches (B, L, P), mask (B, L), t)`` for given token embeddings (B, N, d):
-    the masked transformer's per-patch conditions (B, L, D) from the tokens visible at noise level t (ordered
-    mode), a prefix's tail replaced by the truncation token (`keep` (B, N)) or hidden (`hidden_tail` (B, N)),
-    and with guidance the unconditional conditions of the same call."""
-
-    def __init__(self, decoder, schedule, embeddings, keep, hidden_tail, cfg_scale: float) -> None:
-        self.decoder, self.schedule, self.embeddings = decoder, schedule, embeddings
-        self.keep, self.hidden_tail, self.cfg_scale = keep, hidden_tail, cfg_scale
-
-    def visible_at(self, t: float) -> torch.Tensor | None:
-        """(B, N) bool tokens in play at noise level t, or None for all."""
-        visible = self.hidden_tail
-        if self.schedule is not None:
-            b, device = self.embeddings.shape[0], self.embeddings.device
-            at_t = self.schedule.visibility(torch.full((b,), t)).to(device)  # (B, N)
-            visible = at_t if visible is None else visible & at_t
-        return visible
-
-    def __call__(self, patches: torch.Tensor, mask: torch.Tensor, t: float):
-        visible, keep, b = self.visible_at(t), self.keep, self.embeddings.shape[0]
-        if self.cfg_scale == 1.0:
-            return self.decoder(self.embeddings, patches, mask, token_mask=visible, token_keep=keep), None
-        both = self.decoder(
-            self.embeddings.repeat(2, 1, 1),
-            patches.repeat(2, 1, 1),
-            mask.repeat(2, 1),
-            torch.arange(2 * b, device=patches.device) >= b,  # the second half drops its tokens
-            token_mask=None if visible is None else visible.repeat(2, 1),
-            token_keep=None if keep is None else keep.repeat(2, 1),
-        )
-        return both[:b], both[b:]
-
-
-# keys that mean something in one mode only: (key, whether it applies, the mode it belongs to). A value other
-# than the default in another mode is refused rather than silently ignored.
-_MODE_KEYS = (
-    ("codebook_size", lambda c: c["quantizer"] == "vq", "quantizer='vq'"),
-    ("code_dim", lambda c: c["quantizer"] == "vocab" and c["estimator"] == "projected", "estimator='projected'"),
-    ("estimator", lambda c: c["quantizer"] == "vocab", "quantizer='vocab'"),
-    ("vocab_selection", lambda c: c["quantizer"] == "vocab", "quantizer='vocab'"),
-    ("prefix_sampling", lambda c: c["truncation_prob"] > 0, "truncation_prob > 0"),
-    ("truncation_tail", lambda c: c["truncation_prob"] > 0, "truncation_prob > 0"),
-    ("time_mean", lambda c: c["time_sampling"] == "logit_normal", "time_sampling='logit_normal'"),
-    ("time_std", lambda c: c["time_sampling"] == "logit_normal", "time_sampling='logit_normal'"),
-)
-
-
-def _refuse_keys_of_other_modes(config: dict) -> None:
-    defaults = {k: p.default for k, p in inspect.signature(V2FlowTokenizer.__init__).parameters.items()}
-    for key, applies, mode in _MODE_KEYS:
-        if config[key] != defaults[key] and not applies(config):
-            raise ValueError(
-                f"{key}={config[key]!r} applies to {mode} only and this config would ignore it; "
-                f"remove {key} or choose {mode}"
-            )
 
 
 class V2FlowTokenizer(nn.Module):
@@ -262,21 +185,8 @@ class V2FlowTokenizer(nn.Module):
         super().__init__()
         self.config = config
         self.decode_defaults = DecodeSettings.from_config(config)
-        check_statistics(input_statistics)
-        if image_size % patch_size:
-            raise ValueError(
-                f"image_size {image_size} is not a multiple of patch_size {patch_size}; "
-                f"choose image_size = k * {patch_size}"
-            )
-        if token_order not in TOKEN_ORDERS:
-            raise ValueError(f"unknown token_order {token_order!r}; choose one of {TOKEN_ORDERS}")
-        if order_stages is not None and token_order != "ordered":
-            raise ValueError("order_stages applies to token_order='ordered' only")
-        check_objective_config(config)
-        _refuse_keys_of_other_modes(config)
+        check_tokenizer_config(config, defaults=self.config_defaults())
         self.schedule = OrderSchedule(num_tokens, order_stages or SELFTOK_STAGES) if token_order == "ordered" else None
-        if first_stage != "autoencoder" and (autoencoder is not None or autoencoder_subfolder is not None):
-            raise ValueError("autoencoder / autoencoder_subfolder apply to first_stage='autoencoder' only")
         self.first_stage = build_first_stage(
             first_stage,
             in_channels=in_channels,
@@ -293,46 +203,52 @@ class V2FlowTokenizer(nn.Module):
             raise ValueError(
                 f"sample_iters must be in [1, {self.num_patches}] (the number of patches), got {sample_iters}"
             )
+        self._build_networks(config)
+        self.vocabulary_installed = False  # set_vocabulary installs the frozen LLM rows
+
+    def _build_networks(self, c: dict) -> None:
+        """The trained networks of config `c`: query encoder, resampler, masked transformer, velocity head."""
         self.encoder = QueryEncoder(
             num_patches=self.num_patches,
             patch_dim=self.patch_dim,
-            num_tokens=num_tokens,
-            hidden_dim=encoder_dim,
-            depth=encoder_depth,
-            num_heads=encoder_heads,
-            query_modulation=encoder_query_modulation,
-            causal_queries=encoder_causal_queries,
+            num_tokens=c["num_tokens"],
+            hidden_dim=c["encoder_dim"],
+            depth=c["encoder_depth"],
+            num_heads=c["encoder_heads"],
+            query_modulation=c["encoder_query_modulation"],
+            causal_queries=c["encoder_causal_queries"],
         )
         self.resampler = VocabularyResampler(
-            input_dim=encoder_dim,
-            num_entries=num_entries,
-            llm_dim=llm_dim,
-            quantizer=quantizer,
-            estimator=estimator,
-            code_dim=code_dim,
-            temperature=temperature,
-            gumbel=gumbel,
-            sample_entropy_weight=sample_entropy_weight,
-            batch_entropy_weight=batch_entropy_weight,
-            codebook_size=codebook_size,
-            commitment_weight=commitment_weight,
+            input_dim=c["encoder_dim"],
+            num_entries=c["num_entries"],
+            llm_dim=c["llm_dim"],
+            quantizer=c["quantizer"],
+            estimator=c["estimator"],
+            code_dim=c["code_dim"],
+            temperature=c["temperature"],
+            gumbel=c["gumbel"],
+            sample_entropy_weight=c["sample_entropy_weight"],
+            batch_entropy_weight=c["batch_entropy_weight"],
+            codebook_size=c["codebook_size"],
+            commitment_weight=c["commitment_weight"],
         )
         self.decoder = MaskedTransformer(
             num_patches=self.num_patches,
             patch_dim=self.patch_dim,
-            num_tokens=num_tokens,
+            num_tokens=c["num_tokens"],
             token_dim=self.resampler.embed_dim,
-            hidden_dim=decoder_dim,
-            encoder_depth=decoder_encoder_depth,
-            decoder_depth=decoder_depth,
-            num_heads=decoder_heads,
-            cond_drop_prob=cond_drop_prob,
-            truncation=truncation_prob > 0 and truncation_tail == "token",
+            hidden_dim=c["decoder_dim"],
+            encoder_depth=c["decoder_encoder_depth"],
+            decoder_depth=c["decoder_depth"],
+            num_heads=c["decoder_heads"],
+            cond_drop_prob=c["cond_drop_prob"],
+            truncation=c["truncation_prob"] > 0 and c["truncation_tail"] == "token",
         )
-        self.head = VelocityHead(patch_dim=self.patch_dim, cond_dim=decoder_dim, width=head_width, depth=head_depth)
+        self.head = VelocityHead(
+            patch_dim=self.patch_dim, cond_dim=c["decoder_dim"], width=c["head_width"], depth=c["head_depth"]
+        )
         # auxiliary: each patch condition predicts its patch (absent when unused: DDP needs every parameter used)
-        self.patch_predictor = nn.Linear(decoder_dim, self.patch_dim) if aux_weight > 0 else None
-        self.vocabulary_installed = False  # set_vocabulary installs the frozen LLM rows
+        self.patch_predictor = nn.Linear(c["decoder_dim"], self.patch_dim) if c["aux_weight"] > 0 else None
 
     # ------------------------------------------------------------------ vocabulary
 
@@ -405,54 +321,12 @@ class V2FlowTokenizer(nn.Module):
         check_images(images, channels=c, size=s, dtype=dtype, device=weight.device, check_values=check_values)
 
     def _ids_to_indices(self, ids: torch.Tensor, prefix: bool = False) -> torch.Tensor:
-        """Validate ids (B, N) (or a prefix (B, k) when `prefix`) and map them to row indices (B, N) (int64).
-
-        Any integer dtype is read exactly (uint64 included); floats, bool and complex are refused, not cast.
-        Ids on another device than the tokenizer are moved to it (they are indices, not data to compute on)."""
-        n = self.config["num_tokens"]
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"ids must be a torch.Tensor of integer token ids (B, {n}), got {type(ids).__name__}")
-        if ids.dtype not in _ID_DTYPES:
-            raise ValueError(
-                f"ids must be an integer tensor (B, {n}), got {ids.dtype}; use the int64 ids that encode() returns"
-            )
-        if ids.ndim != 2 or (ids.shape[1] != n and not prefix):
-            hint = "; add a batch axis with ids[None]" if ids.ndim == 1 else ""
-            raise ValueError(f"ids must have shape (B, {n}), got {tuple(ids.shape)}{hint}")
-        if ids.shape[0] == 0:
-            raise ValueError(f"ids hold an empty batch (shape {tuple(ids.shape)}); pass at least one sequence")
-        if ids.is_meta:
-            raise ValueError("ids are on the meta device and hold no values; pass real ids (from encode())")
-        given = ids  # its own dtype, for exact messages (uint64 ids >= 2**63 wrap to negative int64 below)
-
-        def shown(mask: torch.Tensor) -> list[int]:  # on the CPU: integer kernels for every dtype
-            return sorted(set(given.cpu()[mask.cpu()].tolist()))[:8]
-
-        ids = ids.to(self.vocabulary.token_ids.device).long()
+        """Validate ids (B, N) (or a prefix (B, k) when `prefix`: :func:`v2flow.checks.check_ids`) and map them
+        to row indices (B, N) int64 of the vocabulary (or the vq codebook), on the tokenizer's device."""
+        check_ids(ids, self.config["num_tokens"], prefix=prefix)
         if self.config["quantizer"] == "vq":
-            k = self.resampler.num_codes
-            bad = (ids < 0) | (ids >= k)
-            if bad.any():
-                raise ValueError(f"ids {shown(bad)} are outside the codebook [0, {k})")
-            return ids
-        size = self.vocabulary.llm_vocab_size
-        outside = (ids < 0) | (ids >= size)
-        if outside.any():
-            raise ValueError(
-                f"ids {shown(outside)} are not token ids of {self.vocabulary.llm_name!r} (vocabulary size {size}); "
-                "use ids produced by encode()"
-            )
-        lookup = torch.full((size,), -1, dtype=torch.long, device=ids.device)
-        lookup[self.vocabulary.token_ids] = torch.arange(self.vocabulary.num_entries, device=ids.device)
-        indices = lookup[ids]
-        missing = indices < 0
-        if missing.any():
-            raise ValueError(
-                f"ids {ids[missing].unique()[:8].tolist()} are tokens of {self.vocabulary.llm_name!r} but not in "
-                f"this tokenizer's {self.vocabulary.num_entries}-entry visual vocabulary; "
-                "use ids produced by encode() (see tokenizer.vocabulary.token_ids)"
-            )
-        return indices
+            return check_codes(ids, self.resampler.num_codes).to(self.vocabulary.token_ids.device)
+        return self.vocabulary.indices_of(ids)
 
     def _indices_to_ids(self, indices: torch.Tensor) -> torch.Tensor:
         if self.config["quantizer"] == "vq":
@@ -580,7 +454,7 @@ class V2FlowTokenizer(nn.Module):
             indices = torch.cat([indices, indices.new_zeros(b, n - k)], dim=1)  # the tail is never read
             kept = torch.arange(n, device=device)[None, :].expand(b, n) < k  # (B, N)
             keep, hidden_tail = (kept, None) if self.decoder.truncation_token is not None else (None, kept)
-        conditions = _TokenConditions(
+        conditions = TokenConditions(
             self.decoder, self.schedule, self.resampler.embed(indices), keep, hidden_tail, settings.cfg_scale
         )
         stop_at, breakpoints = 0.0, []
@@ -658,37 +532,34 @@ class V2FlowTokenizer(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write ``config.json``, ``model.safetensors`` and ``vocab.json`` to `path` (and ``autoencoder/``, the
-        frozen diffusers autoencoder, when ``first_stage="autoencoder"``).
-
-        All files are written to a temporary sibling directory first; only when it is complete does it
-        replace `path` (an existing directory is moved aside, the new one renamed in, the old one deleted),
-        so a failure while writing never damages an existing tokenizer."""
+        frozen diffusers autoencoder, when ``first_stage="autoencoder"``), atomically
+        (:func:`v2flow.hub.staged_directory`: an existing tokenizer directory is replaced only once the new
+        one is complete; a directory that is not a saved tokenizer is refused)."""
         self._require_vocabulary()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        config = {"_class_name": type(self).__name__, **self.current_config()}
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        vocab = {
-            "llm_name": self.vocabulary.llm_name,
-            "llm_vocab_size": self.vocabulary.llm_vocab_size,
-            "token_ids": self.vocabulary.token_ids.tolist(),
-            "token_strings": self.vocabulary.token_strings,
-        }
-        (tmp / VOCAB_NAME).write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
-        if self.config["first_stage"] == "autoencoder":  # the frozen autoencoder, in diffusers' own format
-            self.first_stage._require(self.vocabulary.embeddings.device).save_pretrained(tmp / AUTOENCODER_DIR)
-        return replace_dir(tmp, path)
+        with staged_directory(path, marker=CONFIG_NAME) as staged:
+            config = {"_class_name": type(self).__name__, **self.current_config()}
+            (staged / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            save_weights(self.state_dict(), staged / WEIGHTS_NAME)
+            vocab = {
+                "llm_name": self.vocabulary.llm_name,
+                "llm_vocab_size": self.vocabulary.llm_vocab_size,
+                "token_ids": self.vocabulary.token_ids.tolist(),
+                "token_strings": self.vocabulary.token_strings,
+            }
+            (staged / VOCAB_NAME).write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
+            if self.config["first_stage"] == "autoencoder":  # the frozen autoencoder, in diffusers' own format
+                self.first_stage._require(self.vocabulary.embeddings.device).save_pretrained(staged / AUTOENCODER_DIR)
+        return Path(path)
 
     @classmethod
     def config_keys(cls) -> list[str]:
         """The config keys: the constructor's keyword arguments, which are also the YAML keys."""
         return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @classmethod
+    def config_defaults(cls) -> dict:
+        """The default value of every config key."""
+        return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
 
     @classmethod
     def from_config(cls, config: dict) -> V2FlowTokenizer:
@@ -707,36 +578,57 @@ class V2FlowTokenizer(nn.Module):
         directory = resolve_pretrained(path, "tokenizer", (CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME))
         config = read_json(directory / CONFIG_NAME)
         model = cls.from_config(config)
-        vocab = read_json(directory / VOCAB_NAME)
-        state = load_weights(directory / WEIGHTS_NAME)
-        expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{directory / WEIGHTS_NAME} does not match its config: missing {missing}, unexpected {unexpected}"
-            )
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise ValueError(
-                    f"{WEIGHTS_NAME}: {key} has shape {tuple(value.shape)}, config expects {tuple(expected[key].shape)}"
-                )
-        model.set_vocabulary(
-            LLMVocabulary(
-                state["resampler.vocabulary.embeddings"],
-                state["resampler.vocabulary.token_ids"],
-                vocab["llm_name"],
-                vocab["llm_vocab_size"],
-                vocab.get("token_strings"),
-            )
-        )
-        model.load_state_dict(state)
-        if config.get("first_stage") == "autoencoder":
-            from .first_stage import load_autoencoder
-
-            if not (directory / AUTOENCODER_DIR).is_dir():
+        state = load_state_checked(directory / WEIGHTS_NAME, model.state_dict())
+        autoencoder = None
+        if model.config["first_stage"] == "autoencoder":
+            autoencoder = directory / AUTOENCODER_DIR
+            if not autoencoder.is_dir():
                 raise FileNotFoundError(
                     f"{directory} has no {AUTOENCODER_DIR}/ directory, but its config has first_stage='autoencoder'; "
                     "re-export the tokenizer with save_pretrained after installing the autoencoder"
                 )
-            model.set_autoencoder(load_autoencoder(directory / AUTOENCODER_DIR))
+        model.load_trained(state, read_json(directory / VOCAB_NAME), autoencoder)
         return model.to(map_location).eval()
+
+    def load_trained(
+        self, state: dict[str, torch.Tensor], vocab: dict, autoencoder: str | os.PathLike | None = None
+    ) -> V2FlowTokenizer:
+        """Install trained weights, the one way a pretrained directory and a training checkpoint are read.
+
+        Args:
+            state: the tokenizer's ``state_dict`` (its frozen vocabulary rows and their LLM ids included).
+            vocab: ``llm_name``, ``llm_vocab_size`` and optionally ``token_strings`` of those rows.
+            autoencoder: for ``first_stage="autoencoder"``, a diffusers autoencoder directory (a pretrained
+                tokenizer's own copy); None loads it from the config's ``autoencoder`` key.
+        """
+        rows, ids = state["resampler.vocabulary.embeddings"], state["resampler.vocabulary.token_ids"]
+        self.set_vocabulary(
+            LLMVocabulary(rows, ids, vocab["llm_name"], vocab["llm_vocab_size"], vocab.get("token_strings"))
+        )
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"the weights do not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        self.install_frozen_parts(autoencoder=autoencoder)
+        return self
+
+    def install_frozen_parts(self, autoencoder: str | os.PathLike | None = None) -> V2FlowTokenizer:
+        """Install what training never changes and a config names, where it is missing: the LLM vocabulary rows
+        (``vocab_source``, ``num_entries``, ``vocab_selection``) and, for ``first_stage="autoencoder"``, the
+        frozen diffusers autoencoder (`autoencoder`, or the config's ``autoencoder`` / ``autoencoder_subfolder``).
+        Training start, training checkpoints and pretrained directories all come through here."""
+        cfg = self.config
+        if not self.vocabulary_installed:
+            self.set_vocabulary(LLMVocabulary.load(cfg["vocab_source"], cfg["num_entries"], cfg["vocab_selection"]))
+        if cfg["first_stage"] == "autoencoder" and not self.first_stage.ready:
+            from .first_stage import load_autoencoder
+
+            if autoencoder is not None:
+                self.set_autoencoder(load_autoencoder(autoencoder))
+            elif cfg["autoencoder"] is None:
+                raise ValueError(
+                    "first_stage='autoencoder' needs the key autoencoder: a local diffusers autoencoder directory "
+                    "or hub id"
+                )
+            else:
+                self.set_autoencoder(load_autoencoder(cfg["autoencoder"], cfg["autoencoder_subfolder"]))
+        return self

@@ -27,7 +27,6 @@ from .checks import image_features, input_statistics
 from .metrics import psnr_per_image
 from .tokenizer import V2FlowTokenizer
 from .utils import save_image_grid
-from .vocab import LLMVocabulary
 
 
 def warmup_cosine(
@@ -425,13 +424,9 @@ class V2FlowModule(TokenizerEvalModule):
             raise ValueError(f"temperature_end must be > 0, got {temperature_end}")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        if not tokenizer.vocabulary_installed:
-            # the frozen rows must be in place before callbacks (EMA) copy the module
-            cfg = tokenizer.config
-            tokenizer.set_vocabulary(
-                LLMVocabulary.load(cfg["vocab_source"], cfg["num_entries"], cfg["vocab_selection"])
-            )
-        install_autoencoder(tokenizer)
+        # the frozen parts must be in place before callbacks (EMA) copy the module, which Lightning does before
+        # any hook of the module runs: so here, through the tokenizer's one loader
+        tokenizer.install_frozen_parts()
         self._init_eval(tokenizer.resampler.num_codes)
         self._input_features: list[torch.Tensor] = []  # (n, 2) per-image pixel mean and spread, until stored
 
@@ -623,35 +618,8 @@ def tokenizer_from_checkpoint(path: str | Path, map_location: str = "cpu", weigh
     prefix = "tokenizer."
     source = ckpt.get("current_model_state", ckpt["state_dict"]) if weights == "current" else ckpt["state_dict"]
     state = {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
-    meta = ckpt["v2flow_vocab"]
-    tokenizer.set_vocabulary(
-        LLMVocabulary(
-            state["resampler.vocabulary.embeddings"],
-            state["resampler.vocabulary.token_ids"],
-            meta["llm_name"],
-            meta["llm_vocab_size"],
-            meta["token_strings"],
-        )
-    )
-    missing, unexpected = tokenizer.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match its tokenizer config: missing {missing}, unexpected {unexpected}"
-        )
-    install_autoencoder(tokenizer)  # frozen, so not in the checkpoint: loaded from where the config says
+    try:
+        tokenizer.load_trained(state, ckpt["v2flow_vocab"])  # the autoencoder comes from where the config says
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"checkpoint {path} does not match its tokenizer config: {err}") from err
     return tokenizer.eval()
-
-
-def install_autoencoder(tokenizer: V2FlowTokenizer) -> None:
-    """Load and install the frozen autoencoder named by the config of a ``first_stage="autoencoder"`` tokenizer
-    that has none yet (training start, rebuilding from a checkpoint)."""
-    cfg = tokenizer.config
-    if cfg["first_stage"] != "autoencoder" or tokenizer.first_stage.ready:
-        return
-    if cfg["autoencoder"] is None:
-        raise ValueError(
-            "first_stage='autoencoder' needs the key autoencoder: a local diffusers autoencoder directory or hub id"
-        )
-    from .first_stage import load_autoencoder
-
-    tokenizer.set_autoencoder(load_autoencoder(cfg["autoencoder"], cfg["autoencoder_subfolder"]))

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checks import shown_ids
 from .hub import VOCAB_NAME, WEIGHTS_NAME
 from .utils import follow_umask
 
@@ -134,6 +135,28 @@ class LLMVocabulary(nn.Module):
     @property
     def dim(self) -> int:
         return self.embeddings.shape[1]
+
+    def indices_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row indices (same shape, int64, on this vocabulary's device) of LLM token ids of any integer dtype, or
+        a ValueError naming ids that are not tokens of the LLM or not rows of this subset."""
+        given, ids = ids, ids.to(self.token_ids.device).long()  # uint64 ids >= 2**63 wrap to negative int64
+        outside = (ids < 0) | (ids >= self.llm_vocab_size)
+        if outside.any():
+            raise ValueError(
+                f"ids {shown_ids(given, outside)} are not token ids of {self.llm_name!r} (vocabulary size "
+                f"{self.llm_vocab_size}); use ids produced by encode()"
+            )
+        lookup = torch.full((self.llm_vocab_size,), -1, dtype=torch.long, device=ids.device)
+        lookup[self.token_ids] = torch.arange(self.num_entries, device=ids.device)
+        indices = lookup[ids]
+        missing = indices < 0
+        if missing.any():
+            raise ValueError(
+                f"ids {ids[missing].unique()[:8].tolist()} are tokens of {self.llm_name!r} but not in this "
+                f"tokenizer's {self.num_entries}-entry visual vocabulary; use ids produced by encode() (see "
+                "tokenizer.vocabulary.token_ids)"
+            )
+        return indices
 
     def strings(self, token_ids: torch.Tensor) -> list:
         """LLM token strings for a tensor of LLM token ids (nested lists with the tensor's shape)."""
