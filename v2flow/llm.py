@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .utils import follow_umask, replace_dir
+from .hub import staged_directory
+from .utils import follow_umask
 from .vocab import BUNDLED_SMOLLM2, _fingerprint, _special_ids, bundled_smollm2_path, cache_dir
 
 IMAGE_START = "<|image_start|>"
@@ -560,19 +561,11 @@ class ImageLM:
     def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the LM, its tokenizer and ``v2flow_lm.json`` into `path`, atomically (an existing directory
         is replaced, with `overwrite`, only once the new one is complete)."""
-        path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose a new directory")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / LAYOUT_NAME).write_text(json.dumps(asdict(self.layout)) + "\n")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return replace_dir(tmp, path)
+        with staged_directory(path, marker=LAYOUT_NAME, overwrite=overwrite) as staged:
+            self.model.save_pretrained(staged)
+            self.tokenizer.save_pretrained(staged)
+            (staged / LAYOUT_NAME).write_text(json.dumps(asdict(self.layout)) + "\n")
+        return Path(path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32) -> ImageLM:

@@ -9,7 +9,6 @@ reconstructions (PSNR/SSIM with torchmetrics, a PNG grid per validation).
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,13 @@ from .utils import save_image_grid
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup_steps`, then cosine decay to ``lr * min_lr_ratio`` at `total_steps`."""
+    """Linear warm-up over `warmup_steps`, then cosine decay to ``lr * min_lr_ratio`` at `total_steps`
+    (transformers' ``get_cosine_with_min_lr_schedule_with_warmup``)."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, warmup_steps, max(total_steps, warmup_steps + 1), min_lr_rate=min_lr_ratio
+    )
 
 
 def adamw_warmup_cosine(trainer: L.Trainer, decay: list, no_decay: list, hparams: Any) -> dict[str, Any]:
