@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure, StructuralSimilarityIndexMeasure
 
-DATA_RANGE = 2.0  # images live in [-1, 1]
-RANGE_TOLERANCE = 1e-3  # as the tokenizer's input check
+from .checks import RANGE_TOLERANCE
+
+DATA_RANGE = 2.0  # images live in [-1, 1]: PSNR's data range
 STANDARD_MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest scale first
 INCEPTION_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -44,12 +46,42 @@ def psnr_per_image(preds: Tensor, target: Tensor) -> Tensor:
     return peak_signal_noise_ratio(preds, target, data_range=DATA_RANGE, reduction="none", dim=(1, 2, 3))
 
 
+def to_unit(images: Tensor) -> Tensor:
+    """Images in [-1, 1] mapped to [0, 1], where SSIM is computed (SSIM's luminance term is not shift-invariant,
+    so the standard convention, [0, 1] with data range 1, is not the same number as [-1, 1] with range 2)."""
+    return (images + 1) / 2
+
+
+def ssim(preds: Tensor, target: Tensor) -> Tensor:
+    """Mean SSIM of (B, C, H, W) images in [-1, 1], the standard way: mapped to [0, 1], data range 1,
+    Gaussian window 11 / sigma 1.5."""
+    return structural_similarity_index_measure(to_unit(preds), to_unit(target), data_range=1.0)
+
+
 def psnr_ssim(preds: Tensor, target: Tensor) -> dict[str, float]:
-    """Mean per-image PSNR (dB) and mean SSIM of (B, C, H, W) images in [-1, 1]."""
-    return {
-        "psnr": float(psnr_per_image(preds, target).mean()),
-        "ssim": float(structural_similarity_index_measure(preds, target, data_range=DATA_RANGE)),
-    }
+    """Mean per-image PSNR (dB, data range 2 on [-1, 1]) and mean SSIM (standard: [0, 1], data range 1)."""
+    return {"psnr": float(psnr_per_image(preds, target).mean()), "ssim": float(ssim(preds, target))}
+
+
+class SSIM(StructuralSimilarityIndexMeasure):
+    """torchmetrics' streaming SSIM for images in [-1, 1], computed the standard way (:func:`ssim`): on the
+    images mapped to [0, 1], data range 1. A Metric: it moves with its module and reduces over ranks."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(data_range=1.0, **kwargs)
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        super().update(to_unit(preds), to_unit(target))
+
+
+class MSSSIM(MultiScaleStructuralSimilarityIndexMeasure):
+    """torchmetrics' MS-SSIM for images in [-1, 1], on the images mapped to [0, 1], data range 1."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(data_range=1.0, **kwargs)
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        super().update(to_unit(preds), to_unit(target))
 
 
 def _sqrtm_psd(matrix: Tensor) -> Tensor:
@@ -371,13 +403,12 @@ class ReconstructionMetrics:
 
     def reset(self) -> None:
         """Forget everything seen so far."""
-        from torchmetrics.image import StructuralSimilarityIndexMeasure
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         self.num_images = 0
         self.image_shape: tuple[int, ...] | None = None
         self._psnr_sum = 0.0
-        self._ssim = StructuralSimilarityIndexMeasure(data_range=DATA_RANGE)
+        self._ssim = SSIM()
         self._ms_ssim = None  # built at the first batch, for its size
         self._ms_ssim_settings: dict[str, Any] | None = None
         self._fid = None
@@ -423,15 +454,12 @@ class ReconstructionMetrics:
 
     def _start(self, target: Tensor) -> None:
         """At the first batch: place the states and pick the MS-SSIM configuration for this image size."""
-        from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure
-
         self.image_shape = tuple(target.shape[1:])
         settings = None if self.ms_ssim is False else ms_ssim_settings(*target.shape[-2:])
         if settings is None and self.ms_ssim:
             raise ValueError(f"images of {target.shape[-1]}x{target.shape[-2]} are too small for MS-SSIM (< 16 px)")
         if settings is not None:
-            self._ms_ssim = MultiScaleStructuralSimilarityIndexMeasure(
-                data_range=DATA_RANGE,
+            self._ms_ssim = MSSSIM(
                 kernel_size=settings["kernel_size"],
                 sigma=settings["sigma"],
                 betas=settings["betas"],

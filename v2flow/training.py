@@ -20,10 +20,9 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from torchmetrics import MeanMetric
-from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from .checks import image_features, input_statistics
-from .metrics import psnr_per_image
+from .metrics import SSIM, psnr_per_image
 from .tokenizer import V2FlowTokenizer
 from .utils import save_image_grid
 
@@ -321,7 +320,7 @@ class TokenizerEvalModule(DisplayCallbacks):
         """The metrics (mean per-image PSNR, as benchmarks/reconstruction.py reports it; SSIM) and the usage
         counts, one per vocabulary entry or code."""
         self.psnr = MeanMetric()
-        self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        self.ssim = SSIM()  # the standard way: [0, 1], data range 1
         # a plain attribute, not a buffer: the EMA callback swaps every buffer in and out around validation
         self._val_counts = torch.zeros(num_codes, dtype=torch.long)
 
