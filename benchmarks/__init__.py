@@ -1,5 +1,5 @@
 """Benchmarks: scripts that print JSON and a markdown table (``python benchmarks/<name>.py --help``).
 
-A package so that the tests and ``benchmarks/reliability.py`` import the shared checks and case spaces one way,
-as ``benchmarks.<module>`` (pytest puts the repository root on ``sys.path``; see ``pyproject.toml``).
+The measures they run live in :mod:`v2flow.eval`; the scripts are their command lines. A package so that a
+script can use another one's helpers as ``benchmarks.<module>`` (``reliability.py`` runs ``memory.py``'s check).
 """

@@ -32,14 +32,14 @@ Measured:
 
 Writes JSON (``--json``, one entry per data set, merged with what the file holds) and prints the markdown; with
 ``--out`` it also replaces (or appends) this data set's section of that file, between
-``<!-- head_to_head:<dataset>:start -->`` and ``<!-- head_to_head:<dataset>:end -->``.
+``<!-- head_to_head:<dataset>:start -->`` and ``<!-- head_to_head:<dataset>:end -->``. The table and the goal
+verdicts: :mod:`v2flow.eval.head_to_head`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,17 +48,19 @@ from typing import Any
 import lightning as L
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
-from benchmarks.report import device_name, merge_json, replace_section
+from v2flow.eval.head_to_head import (
+    DATASETS,
+    DECODE_KEYS,
+    KINDS,
+    decode_setting,
+    goal_verdicts,
+    markdown_section,
+    parse_decode,
+)
+from v2flow.eval.report import device_name, merge_json, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ("mnist", "photos")
-KINDS = ("v2flow", "vq")
 TRAIN_STATS = "head_to_head_train.json"
-DATASET_TITLES = {
-    "mnist": "MNIST, 32x32 digits (held out: the 10k test digits)",
-    "photos": "64x64 crops of the scikit-image photographs (held out: fixed crops of the photo 'chelsea')",
-}
 
 
 # ---------------------------------------------------------------------------- training
@@ -106,7 +108,7 @@ def load_export(kind: str, path: Path):
         from v2flow import V2FlowTokenizer
 
         return V2FlowTokenizer.from_pretrained(path)
-    from v2flow.baseline import VQTokenizer
+    from v2flow.eval.baseline import VQTokenizer
 
     return VQTokenizer.from_pretrained(path)
 
@@ -192,7 +194,7 @@ def held_out_images(dataset: str, limit: int) -> torch.Tensor:
 def feature_extractor(dataset: str, a: argparse.Namespace) -> tuple[torch.nn.Module | None, str]:
     """The FD feature extractor of a data set and a note naming it (or why there is none)."""
     if dataset == "mnist":
-        from v2flow.classifier import DigitClassifier
+        from v2flow.eval.classifier import DigitClassifier
 
         path = Path(a.classifier).resolve()
         shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
@@ -212,54 +214,11 @@ def num_codes(tokenizer) -> int:
     return tokenizer.resampler.num_codes if hasattr(tokenizer, "resampler") else tokenizer.num_codes
 
 
-# v2flow decode keyword -> (config default it overrides, type); see V2FlowTokenizer.decode
-DECODE_KEYS = {
-    "num_steps": ("sample_steps", int),
-    "solver": ("sample_solver", str),
-    "num_iters": ("sample_iters", int),
-    "cfg_scale": ("sample_cfg", float),
-    "shift": ("sample_shift", float),
-    "temperature": ("sample_temperature", float),
-}
-
-
-def parse_decode(text: str) -> dict[str, Any]:
-    """``"default"`` -> {} (the config's decode defaults); ``"num_steps=2,temperature=0"`` -> decode keywords."""
-    if text == "default":
-        return {}
-    out = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or key not in DECODE_KEYS:
-            raise argparse.ArgumentTypeError(
-                f"bad decode setting {item!r} in {text!r}: write 'default' or key=value pairs joined by commas, "
-                f"with keys from {sorted(DECODE_KEYS)}"
-            )
-        try:
-            out[key] = DECODE_KEYS[key][1](value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad value {value!r} for {key} in {text!r}") from None
-    return out
-
-
 def decode(tokenizer, ids: torch.Tensor, seed: int, settings: dict[str, Any]) -> torch.Tensor:
     if hasattr(tokenizer, "resampler"):  # v2flow: the flow ODE starts from seeded noise
         generator = torch.Generator(device=ids.device).manual_seed(seed)
         return tokenizer.decode(ids, generator=generator, **settings).images
     return tokenizer.decode(ids).images
-
-
-def decode_setting(tokenizer, settings: dict[str, Any]) -> str:
-    """The decode a row was measured with, in words (config defaults with `settings` on top)."""
-    if not hasattr(tokenizer, "resampler"):
-        return "1 decoder pass"
-    cfg = {name: settings.get(key, tokenizer.config[name]) for key, (name, _) in DECODE_KEYS.items()}
-    text = f"{cfg['sample_steps']} {cfg['sample_solver']} steps x {cfg['sample_iters']} iter, T={cfg['sample_temperature']:g}"
-    if cfg["sample_cfg"] != 1.0:
-        text += f", cfg {cfg['sample_cfg']:g}"
-    if cfg["sample_shift"] != 1.0:
-        text += f", shift {cfg['sample_shift']:g}"
-    return text
 
 
 def best_time(fn, repeats: int, device: torch.device) -> float:
@@ -304,69 +263,6 @@ def evaluate(
     }
     tokenizer.cpu()
     return result
-
-
-# ---------------------------------------------------------------------------- markdown
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def markdown_section(dataset: str, entry: dict[str, Any]) -> str:
-    """The markdown of one data set: a heading, the settings, the table and the goal check, as measured."""
-    s = entry["settings"]
-    lines = [
-        f"### Head to head: {DATASET_TITLES[dataset]}",
-        "",
-        f"v2flow vs diffusers `VQModel` (VQ-VAE / VQGAN architecture, pixel MSE + VQ loss, no GAN or LPIPS), "
-        f"trained with the same Lightning harness for **{s['max_steps']} steps at batch {s['batch_size']}** "
-        f"(`benchmarks/head_to_head.py`, {s['device']}, {s['date']}). Evaluated on {s['eval_images']} held-out "
-        f"images through the token ids; speed on batches of {s['speed_batch']}, best of {s['repeats']}.",
-        "",
-        "| model | tokens | bits/image | params | train img/s | PSNR (dB) | SSIM | FD | codes used | encode img/s "
-        "| decode img/s (at stated steps) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for m in entry["models"]:
-        r = m["eval"]
-        lines.append(
-            f"| {m['model']} | {r['tokens']} | {r['bits_per_image']:.0f} | {r['params'] / 1e6:.2f}M "
-            f"| {_fmt(m['train']['train_images_per_second'], '.0f')} | {r['psnr']:.2f} | {r['ssim']:.4f} "
-            f"| {_fmt(r['fd'], '.3f')} | {r['distinct_ids']} / {r['vocabulary_entries']} "
-            f"| {r['encode_images_per_second']:.0f} | {r['decode_images_per_second']:.0f} ({r['decode_setting']}) |"
-        )
-    lines += ["", f"FD: {entry['fd_note']}.", ""]
-    for tokens, verdict in entry["goal"].items():
-        lines.append(f"* {tokens} tokens: {verdict}")
-    return "\n".join(lines) + "\n"
-
-
-def goal_verdicts(models: list[dict[str, Any]]) -> dict[str, str]:
-    """Per operating point: is v2flow's FD lower than the VQ model's, and its PSNR within 1 dB or better? One
-    verdict per v2flow decode setting (rows of the same operating point)."""
-    out = {}
-    by_tokens: dict[int, dict[str, list[dict]]] = {}
-    for m in models:
-        by_tokens.setdefault(m["eval"]["tokens"], {}).setdefault(m["kind"], []).append(m["eval"])
-    for tokens, rows in sorted(by_tokens.items()):
-        if set(rows) != set(KINDS):
-            continue
-        vq = rows["vq"][0]
-        verdicts = []
-        for ours in rows["v2flow"]:
-            psnr_gap = ours["psnr"] - vq["psnr"]
-            met = "met" if psnr_gap >= -1.0 else "not met"
-            psnr = f"PSNR {ours['psnr']:.2f} vs {vq['psnr']:.2f} dB ({psnr_gap:+.2f} dB; goal >= -1 dB: {met})"
-            if ours["fd"] is None or vq["fd"] is None:
-                fd = "FD not measured"
-            else:
-                met = "met" if ours["fd"] < vq["fd"] else "not met"
-                fd = f"FD {ours['fd']:.3f} vs {vq['fd']:.3f} (goal lower: {met})"
-            who = "v2flow" if len(rows["v2flow"]) == 1 else f"v2flow ({ours['decode_setting']})"
-            verdicts.append(f"{who} vs VQ: {fd}; {psnr}.")
-        out[str(tokens)] = " ".join(verdicts)
-    return out
 
 
 # ---------------------------------------------------------------------------- main

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from v2flow.classifier import DigitClassifier
 from v2flow.cli import lightning_cli
 from v2flow.data import load_mnist
+from v2flow.eval.classifier import DigitClassifier
 from v2flow.metrics import frechet_distance
 from v2flow.utils import save_image_grid
 

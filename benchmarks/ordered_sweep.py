@@ -20,7 +20,8 @@ the bundled LLM.
 Scored: PSNR on the first ``--limit`` MNIST test digits of ``decode(ids[:, :k])`` for k in 1, 2, 4, ..., N, at
 the decode the checkpoints ship with (2 Euler steps from the noise mean), the EMA weights of each run's
 ``last.ckpt``; the unordered reference decodes with its tail masked, as in ``benchmarks/prefix.py``. Prints
-JSON and a markdown table with the issue's two margins, ordered minus unordered at k = N/4 and k = N.
+JSON and a markdown table with the issue's two margins, ordered minus unordered at k = N/4 and k = N. The
+variants, commands and scores: :mod:`v2flow.eval.ordered_sweep`.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
-from benchmarks.prefix import prefix_quality
-from benchmarks.report import device_name, merge_json
+from v2flow.eval.ordered_sweep import DECODE, fit_command, over_seeds, parse_variant, run_name, score
+from v2flow.eval.report import device_name, merge_json
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VARIANTS = (
@@ -47,55 +47,6 @@ DEFAULT_VARIANTS = (
     "E=2,2,2,1,1:0.5:pow2",
     "F=8,4,2,1,1:0.3:pow2",
 )
-DECODE = {"num_steps": 2, "temperature": 0.0}
-
-
-def parse_variant(spec: str) -> tuple[str, list[float], float, str, dict[str, str]]:
-    """``NAME=STAGES:TRUNCATION_PROB:PREFIX_SAMPLING[:KEY=VALUE,...]`` -> (name, stages, truncation_prob,
-    prefix_sampling, {key: value} of further tokenizer keys)."""
-    from v2flow import V2FlowTokenizer
-    from v2flow.ordering import PREFIX_SAMPLING
-
-    name, _, rest = spec.partition("=")
-    parts = rest.split(":")
-    if not name.isidentifier() or len(parts) not in (3, 4):
-        raise ValueError(
-            f"variant {spec!r} is not NAME=STAGES:TRUNCATION_PROB:SAMPLING[:KEY=VALUE,...], e.g. B=8,4,2,1,1:0.5:uniform"
-        )
-    extra = dict(item.partition("=")[::2] for item in parts[3].split(",")) if len(parts) == 4 else {}
-    unknown = sorted(k for k in extra if k not in V2FlowTokenizer.config_keys())
-    if unknown or not all(extra.values()):
-        raise ValueError(
-            f"variant {spec!r}: {unknown or 'an empty value'} in KEY=VALUE; keys are tokenizer config keys"
-        )
-    try:
-        stages, prob = [float(s) for s in parts[0].split(",")], float(parts[1])
-    except ValueError as err:
-        raise ValueError(f"variant {spec!r}: stages and truncation probability must be numbers ({err})") from None
-    if parts[2] not in PREFIX_SAMPLING:
-        raise ValueError(f"variant {spec!r}: prefix sampling must be one of {PREFIX_SAMPLING}")
-    return name, stages, prob, parts[2], extra
-
-
-def run_name(name: str, seed: int | None, seeds: list[int | None]) -> str:
-    """A variant's run directory: its name, suffixed by the seed when the sweep has several."""
-    return name if len(seeds) == 1 else f"{name}_seed{seed}"
-
-
-def fit_command(variant: tuple, a: argparse.Namespace, seed: int | None = None) -> list[str]:
-    """The ``v2flow fit`` command of one variant; `seed` (``seed_everything``) None keeps the config's."""
-    name, stages, prob, sampling, extra = variant
-    init = "--model.tokenizer.init_args."
-    return [
-        *(sys.executable, "-m", "v2flow.cli", "fit", "--config", str(a.config)),
-        *("--trainer.accelerator", a.accelerator, "--trainer.enable_progress_bar", "false"),
-        *("--trainer.logger.init_args.save_dir", str(a.runs_dir), "--trainer.logger.init_args.name", name),
-        *(f"{init}order_stages", json.dumps(stages), f"{init}truncation_prob", str(prob)),
-        *(f"{init}prefix_sampling", sampling, f"{init}vocab_source", a.vocab_source),
-        *(arg for key, value in extra.items() for arg in (f"{init}{key}", value)),
-        *(["--trainer.max_steps", str(a.max_steps)] if a.max_steps else []),
-        *(["--seed_everything", str(seed)] if seed is not None else []),
-    ]
 
 
 def train(variants: list[tuple], a: argparse.Namespace) -> None:
@@ -108,7 +59,8 @@ def train(variants: list[tuple], a: argparse.Namespace) -> None:
             (name, *rest), seed = pending.pop(0)
             v = (run_name(name, seed, a.seeds), *rest)
             log = open(a.runs_dir / f"{v[0]}.log", "w")  # closed when the run ends
-            proc = subprocess.Popen(fit_command(v, a, seed), stdout=log, stderr=subprocess.STDOUT)
+            command = fit_command(v, a.config, a.runs_dir, a.accelerator, a.vocab_source, a.max_steps, seed)
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
             running.append((proc, log, time.time()))
         time.sleep(2)
         for proc, log, start in list(running):
@@ -118,26 +70,6 @@ def train(variants: list[tuple], a: argparse.Namespace) -> None:
             if proc.poll() is not None:
                 log.close()
                 running.remove((proc, log, start))
-
-
-def score(tok, images: torch.Tensor, batch_size: int) -> dict[int, float]:
-    from v2flow.lm_training import encode_images
-
-    n = tok.config["num_tokens"]
-    ids = encode_images(tok, images, batch_size)
-    ks = [2**i for i in range(n.bit_length()) if 2**i < n] + [n]
-    return {k: round(prefix_quality(tok, images, ids, k, batch_size, **DECODE)["psnr"], 3) for k in ks}
-
-
-def over_seeds(per_seed: list[dict[int, float]]) -> tuple[dict[int, float], dict[int, float]]:
-    """Mean and sample standard deviation per prefix length over the seeds' PSNR (the std is 0 for one seed)."""
-    ks = sorted(per_seed[0])
-    values = torch.tensor([[psnr[k] for k in ks] for psnr in per_seed], dtype=torch.float64)  # (seeds, ks)
-    std = values.std(0) if len(per_seed) > 1 else torch.zeros(len(ks), dtype=torch.float64)
-    return (
-        {k: round(float(m), 3) for k, m in zip(ks, values.mean(0), strict=True)},
-        {k: round(float(d), 3) for k, d in zip(ks, std, strict=True)},
-    )
 
 
 def main() -> None:

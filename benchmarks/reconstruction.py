@@ -6,7 +6,8 @@
 Streams the split in batches (bounded memory) with a progress bar; prints JSON and a markdown table row.
 `shuffle_gap` is the relative increase of the flow loss on the first 500 images when their tokens are
 shuffled across the batch: how much the decoder relies on its tokens.
-PSNR is the mean of per-image PSNR (data range 2 for [-1, 1] images); SSIM is torchmetrics' mean SSIM;
+PSNR is the mean of per-image PSNR (data range 2 for [-1, 1] images); SSIM is torchmetrics' mean SSIM the
+standard way (images mapped to [0, 1], data range 1);
 both are computed against exactly the 32x32 padded digits the model was given (no crop or resize), by
 `v2flow.metrics.ReconstructionMetrics` (which also gives MS-SSIM and per-position entropies; `v2flow
 evaluate --data mnist-test` adds FD/KID over the project's digit classifier).
@@ -54,6 +55,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--shift", type=float, default=None, help="timestep shift of the ODE grid")
     p.add_argument(
+        "--mode", choices=["sample", "mean"], default=None, help="sample: the flow sample; mean: the fidelity decode"
+    )
+    p.add_argument(
         "--prefix",
         type=int,
         default=None,
@@ -75,16 +79,9 @@ def main() -> None:
         "cfg_scale": a.cfg_scale,
         "temperature": a.temperature,
         "shift": a.shift,
+        "mode": a.mode,
     }
-    keys = {
-        "num_steps": "steps",
-        "solver": "solver",
-        "num_iters": "iters",
-        "cfg_scale": "cfg",
-        "temperature": "temperature",
-        "shift": "shift",
-    }
-    used = {k: (v if v is not None else tok.config[f"sample_{keys[k]}"]) for k, v in decode.items()}
+    used = tok.decode_defaults.resolve(**decode).as_dict()
     if a.prefix is not None and tok.schedule is None and not a.allow_truncation:
         p.error(
             f"{a.checkpoint} is unordered: its prefixes are not coarse images; pass --allow-truncation to mask its tail"

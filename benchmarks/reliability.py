@@ -4,12 +4,12 @@
     python benchmarks/reliability.py --skip memory        # without the 10,000-image folders
 
 * resume: a tiny fit stopped mid-epoch and resumed from its checkpoint against an uninterrupted one
-  (losses, raw and EMA weights compared bit for bit; :func:`reliability_checks.resume_check`);
+  (losses, raw and EMA weights compared bit for bit; :func:`v2flow.eval.reliability.resume_check`);
 * ddp: 2 training steps plus a validation on 2 CPU processes (gloo), for the vocab and vq quantizers; the
-  ranks' weights, EMA and codebook buffers compared (:func:`reliability_checks.ddp_check`);
+  ranks' weights, EMA and codebook buffers compared (:func:`v2flow.eval.reliability.ddp_check`);
 * fuzz: a seeded sweep of bad image tensors, id tensors and image files through the public verbs, each
-  classified ok / clear_error / crash / wrong (:func:`fuzz_cases.sweep`; the same case space drives the
-  hypothesis tests in ``tests/test_fuzz.py``);
+  classified ok / clear_error / crash / wrong (:func:`v2flow.eval.fuzz_cases.sweep`; the same case space
+  drives the hypothesis tests in ``tests/test_fuzz.py``);
 * memory: peak RSS of ``v2flow encode`` and ``v2flow reconstruct`` on folders of 1,000 and 10,000 digits,
   each in a fresh process (:func:`memory.memory_check`).
 
@@ -26,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
-from benchmarks import fuzz_cases, memory, reliability_checks  # noqa: E402
+from benchmarks import memory  # noqa: E402
 from v2flow import V2FlowTokenizer  # noqa: E402
+from v2flow.eval import fuzz_cases, reliability  # noqa: E402
 from v2flow.testing import tiny_tokenizer  # noqa: E402
 
 CHECKS = ("resume", "ddp", "fuzz", "memory")
@@ -36,9 +37,9 @@ CHECKS = ("resume", "ddp", "fuzz", "memory")
 def run(checks: list[str], fuzz_n: int, checkpoint: str, sizes: list[int], workdir: Path) -> dict:
     results: dict = {}
     if "resume" in checks:
-        results["resume"] = reliability_checks.resume_check(workdir / "resume")
+        results["resume"] = reliability.resume_check(workdir / "resume")
     if "ddp" in checks:
-        results["ddp"] = reliability_checks.ddp_check(workdir / "ddp")
+        results["ddp"] = reliability.ddp_check(workdir / "ddp")
     if "fuzz" in checks:
         sweep = {}
         for name, tokenizer in (

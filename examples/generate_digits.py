@@ -58,7 +58,7 @@ def main() -> None:
     import torch
 
     from v2flow import V2FlowTokenizer
-    from v2flow.classifier import DigitClassifier
+    from v2flow.eval.classifier import DigitClassifier
     from v2flow.llm import ImageLM
     from v2flow.lm_training import DIGIT_WORDS, digit_caption
     from v2flow.utils import save_image_grid
@@ -81,7 +81,7 @@ def main() -> None:
         if a.llm is not None:
             args.append(f"--model.llm={a.llm}")
         if Path(a.judge).exists():
-            args.append(f"--model.judge={a.judge}")
+            args += ["--model.judge=v2flow.eval.classifier.PretrainedClassifier", f"--model.judge.path={a.judge}"]
         else:  # validation then scores no generations
             args += ["--model.judge=null", "--model.eval_samples_per_digit=0"]
         if a.max_steps is not None:

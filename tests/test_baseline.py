@@ -1,4 +1,4 @@
-"""The diffusers VQModel baseline (v2flow.baseline) and the head-to-head benchmark's writers."""
+"""The diffusers VQModel baseline (v2flow.eval.baseline) and the head-to-head benchmark's writers."""
 
 import argparse
 import json
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import head_to_head as h2h
-from benchmarks.report import merge_json, replace_section
-from v2flow.baseline import VQBaselineModule, VQTokenizer, vq_from_checkpoint
 from v2flow.cli import _checkpoint_kind, lightning_cli, main
+from v2flow.eval import head_to_head as h2h
+from v2flow.eval.baseline import VQBaselineModule, VQTokenizer, vq_from_checkpoint
+from v2flow.eval.report import merge_json, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(

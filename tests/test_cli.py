@@ -59,6 +59,7 @@ def test_omegaconf_interpolation(tmp_path, tiny_run):
     assert cli.model.tokenizer.config["decoder_dim"] == cli.model.tokenizer.config["encoder_dim"] == 32
 
 
+@pytest.mark.slow
 def test_fit_resume_export_and_tools(tmp_path, tiny_run):
     ckpt_cb = [
         "--trainer.callbacks+=ModelCheckpoint",
@@ -98,9 +99,10 @@ def test_fit_resume_export_and_tools(tmp_path, tiny_run):
     assert tok.config["num_tokens"] == 4
     assert tok.config["input_statistics"] == statistics  # the export knows its training data
     assert main(["export", str(last), str(out)]) == 2, "export over an existing directory must refuse"
-    assert main(["export", str(last), str(out), "--overwrite", "--set", "sample_steps=3"]) == 0
-    assert V2FlowTokenizer.from_pretrained(out).config["sample_steps"] == 3
-    assert main(["export", str(last), str(out), "--overwrite", "--set", "sample_solver=heun"]) == 2
+    assert main(["export", str(last), str(out), "--overwrite", "--set", "num_steps=3"]) == 0
+    assert V2FlowTokenizer.from_pretrained(out).config["decode"]["num_steps"] == 3
+    assert V2FlowTokenizer.from_pretrained(out).decode_defaults.num_steps == 3
+    assert main(["export", str(last), str(out), "--overwrite", "--set", "solver=heun"]) == 2
     # a training weight that merely starts with "sample_" is not a decode default
     assert main(["export", str(last), str(out), "--overwrite", "--set", "sample_entropy_weight=0"]) == 2
     raw = tmp_path / "export_raw"
@@ -162,3 +164,16 @@ def test_streaming_commands_return_freed_heap_after_every_batch(tmp_path, monkey
     assert len(calls) == 2
     monkeypatch.undo()
     v2flow.utils.release_heap_memory()  # the real call: glibc's malloc_trim here, a no-op elsewhere
+
+
+@pytest.mark.parametrize("decoder", ["mlp", "transformer"])
+def test_fast_dev_run_of_each_velocity_decoder(tmp_path, tiny_run, decoder):
+    options = [f"--model.tokenizer.init_args.velocity_decoder={decoder}"]
+    if decoder == "transformer":
+        options += ["--model.tokenizer.init_args.mask_ratio_min=1.0", "--model.tokenizer.init_args.head_width=32"]
+    cli = lightning_cli(["fit", *tiny_run, *options, "--trainer.fast_dev_run=true"])
+    assert cli.trainer.global_step == 1
+    assert (
+        type(cli.model.tokenizer.head).__name__
+        == {"mlp": "VelocityHead", "transformer": "ImageVelocityTransformer"}[decoder]
+    )

@@ -18,7 +18,7 @@ def tok_dir(tmp_path_factory):
     from v2flow.checks import image_features, input_statistics
     from v2flow.testing import tiny_tokenizer
 
-    tok = tiny_tokenizer(sample_steps=2, sample_shift=2.0)
+    tok = tiny_tokenizer(decode={"num_steps": 2, "shift": 2.0})
     train = -0.8 + 0.3 * torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     tok.config["input_statistics"] = input_statistics(image_features(train), "dark 8x8 test images")
     return tok.save_pretrained(tmp_path_factory.mktemp("tok") / "tok")

@@ -2,7 +2,7 @@
 weights (raw, EMA, vq codebook buffers) and the logged vocabulary usage must count both ranks' images.
 
 The ranks are separate processes started the way torchrun or srun starts them (see
-benchmarks/reliability_checks.py): no pickling of the test's objects, no fork of the pytest process, and a
+v2flow/eval/reliability.py): no pickling of the test's objects, no fork of the pytest process, and a
 failing rank cannot leave the other hanging in a collective.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.reliability_checks import ddp_check
+from v2flow.eval.reliability import ddp_check
 from v2flow.training import ReplicaCheck, weight_checksums
 
 
@@ -46,6 +46,7 @@ def test_replica_check_names_step_and_tensor():
         ReplicaCheck(every_n_steps=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_processes_agree(tmp_path):
     result = ddp_check(tmp_path, world_size=2, steps=2, timeout=150)

@@ -54,6 +54,7 @@ def test_help_is_fast_and_every_option_is_explained(name):
             assert described, f"{name}: option without help text: {line.strip()}"
 
 
+@pytest.mark.slow
 def test_quickstart_tokenizes_scores_trains_and_leaves_an_exportable_checkpoint(tmp_path):
     out = run_example(
         "quickstart.py", "--num-images", 8, "--max-steps", 3, "--val-limit", 16, "--output", tmp_path / "qs"
@@ -75,6 +76,7 @@ def test_quickstart_tokenizes_scores_trains_and_leaves_an_exportable_checkpoint(
     assert V2FlowTokenizer.from_pretrained(tmp_path / "exported").config["num_tokens"] == 16
 
 
+@pytest.mark.slow
 def test_ode_steps_writes_a_row_per_setting_including_dopri5(tmp_path):
     out_dir = tmp_path / "ode"
     run_example(
@@ -85,7 +87,7 @@ def test_ode_steps_writes_a_row_per_setting_including_dopri5(tmp_path):
     settings = [(r["solver"], r["num_steps"]) for r in rows]
     assert settings == [("euler", 1), ("euler", 2), ("midpoint", 1), ("midpoint", 2), ("dopri5", None)]
     for r in rows:
-        assert 15 < r["psnr"] < 40 and 0.5 < r["ssim"] <= 1, r
+        assert 15 < r["psnr"] < 40 and 0.1 < r["ssim"] <= 1, r  # SSIM on [0, 1]: a 1-step sample scores ~0.2
     with Image.open(out_dir / "ode_steps_grid.png") as grid:
         assert grid.size == (3 * 34 + 2, 6 * 34 + 2)  # originals + 5 settings, 3 digits each
     assert (out_dir / "psnr_vs_steps.png").stat().st_size > 1000
@@ -95,7 +97,7 @@ def test_ode_steps_writes_a_row_per_setting_including_dopri5(tmp_path):
 def tiny_lm_assets(tmp_path):
     """A tiny LM directory, a tiny 32x32 image tokenizer on that LM's rows and a tiny judge."""
     from v2flow import LLMVocabulary, V2FlowTokenizer
-    from v2flow.classifier import DigitClassifier
+    from v2flow.eval.classifier import DigitClassifier
 
     model = tiny_lm("llama")
     model.save_pretrained(tmp_path / "lm")
@@ -111,6 +113,7 @@ def tiny_lm_assets(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_generate_digits_fine_tunes_writes_and_judges(tiny_lm_assets):
     root = tiny_lm_assets
     out = root / "digits"

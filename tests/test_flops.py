@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import make_tokenizer
 from torch import nn
 
-from benchmarks import speed
-from v2flow.flops import count_flops, linear_flops, matmul_peak, mfu
+from v2flow.eval import speed
+from v2flow.eval.flops import count_flops, linear_flops, matmul_peak, mfu
 from v2flow.resampler import _ScoresAndEntropies
 from v2flow.velocity import VelocityHead
 

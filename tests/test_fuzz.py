@@ -1,6 +1,6 @@
 """Bad-input fuzzing: image tensors, id tensors and image files either work or raise v2flow's own clear error.
 
-Hypothesis draws inputs from the case spaces of ``benchmarks/fuzz_cases.py`` (the valid choice of each field, or
+Hypothesis draws inputs from the case spaces of :mod:`v2flow.eval.fuzz_cases` (the valid choice of each field, or
 a few fields changed to faulty choices; failures shrink towards the fewest faults) and judges them by its rule:
 ``ok`` (the output meets the contract) or ``clear_error`` (a ValueError / TypeError / FileNotFoundError raised
 inside ``v2flow`` with a real message); never a crash inside torch, Pillow or numpy, never a silent wrong answer.
@@ -17,7 +17,7 @@ from conftest import make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import fuzz_cases as fc
+from v2flow.eval import fuzz_cases as fc
 from v2flow.images import load_image
 
 FUZZ = dict(deadline=None, derandomize=True, database=None)

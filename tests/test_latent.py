@@ -220,15 +220,13 @@ def _imagenet_overrides(tmp_path, autoencoder_dir):
         "decoder_heads": 2,
         "head_width": 32,
         "head_depth": 1,
-        "sample_steps": 1,
-        "sample_iters": 1,
+        "decode": {"num_steps": 1, "num_iters": 1},
     }
     return [
         "--config",
         "configs/imagenet256.yaml",
         *(f"--model.tokenizer.init_args.{k}={v}" for k, v in tiny.items()),
-        "--model.val_num_steps=1",
-        "--model.val_num_iters=1",
+        "--model.val_decode={num_steps: 1, num_iters: 1}",
         "--trainer.strategy=auto",
         "--trainer.devices=1",
         "--trainer.accelerator=cpu",

@@ -8,8 +8,8 @@ from conftest import TINY
 from test_llm import LM_DIM, text_tokenizer, tiny_lm
 
 from v2flow import LLMVocabulary, V2FlowTokenizer
-from v2flow.classifier import DigitClassifier, random_translate
 from v2flow.cli import lightning_cli, main
+from v2flow.eval.classifier import DigitClassifier, random_translate
 from v2flow.llm import ImageLM
 from v2flow.lm_training import MNISTTokenDataModule, digit_caption, image_lm_from_checkpoint
 from v2flow.metrics import frechet_distance
@@ -46,7 +46,8 @@ def lm_args(assets, *extra):
         "configs/lm_mnist.yaml",
         f"--model.llm={assets['lm']}",
         f"--model.image_tokenizer={assets['image_tok']}",
-        f"--model.judge={assets['judge']}",
+        "--model.judge=v2flow.eval.classifier.PretrainedClassifier",
+        f"--model.judge.path={assets['judge']}",
         "--model.eval_samples_per_digit=1",
         "--data.init_args.train_limit=32",
         "--data.init_args.val_limit=16",

@@ -12,8 +12,8 @@ from conftest import make_tokenizer
 from PIL import Image
 from torch import nn
 
-from v2flow.classifier import DigitClassifier
 from v2flow.cli import main
+from v2flow.eval.classifier import DigitClassifier
 from v2flow.metrics import (
     INCEPTION_WEIGHTS_NAME,
     InceptionFeatures,
@@ -132,6 +132,7 @@ def test_frechet_distance_gaussians_closed_form():
         frechet_distance_gaussians(mu1, s1, mu2[:2], s2)
 
 
+@pytest.mark.slow
 def test_fd_and_kid_of_identical_sets_are_zero():
     images = rand_images(200)
     m = ReconstructionMetrics(feature_extractor=TinyConvFeatures(), kid_subset_size=50)

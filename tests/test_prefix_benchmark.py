@@ -1,11 +1,12 @@
-"""benchmarks/prefix.py: its measures on tiny inputs (the benchmark itself runs on the shipped checkpoints)."""
+"""The measures of benchmarks/prefix.py and benchmarks/ordered_sweep.py (v2flow.eval.prefix,
+v2flow.eval.ordered_sweep) on tiny inputs (the benchmarks themselves run on the shipped checkpoints)."""
 
 import math
 
 import pytest
 import torch
 
-from benchmarks import prefix
+from v2flow.eval import prefix
 from v2flow.testing import tiny_tokenizer
 
 
@@ -32,7 +33,7 @@ def test_next_token_entropy_gives_one_finite_value_per_position():
 
 
 def test_sweep_variants_parse_and_override_only_the_ordering_keys():
-    from benchmarks import ordered_sweep
+    from v2flow.eval import ordered_sweep
 
     name, stages, prob, sampling, extra = ordered_sweep.parse_variant("B=8,4,2,1,1:0.5:uniform")
     assert (name, stages, prob, sampling, extra) == ("B", [8.0, 4.0, 2.0, 1.0, 1.0], 0.5, "uniform", {})
@@ -45,23 +46,23 @@ def test_sweep_variants_parse_and_override_only_the_ordering_keys():
     ]:
         with pytest.raises(ValueError, match=message):
             ordered_sweep.parse_variant(bad)
-    args = ordered_sweep.argparse.Namespace(
+    args = dict(
         config="configs/mnist_ordered.yaml", accelerator="cpu", runs_dir="runs/x", vocab_source="smollm2", max_steps=0
     )
-    command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D=8,4,2,1,1:0.3:pow2"), args)
+    command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D=8,4,2,1,1:0.3:pow2"), **args)
     overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[6::2], command[7::2], strict=False)}
     assert overrides["order_stages"] == "[8.0, 4.0, 2.0, 1.0, 1.0]" and overrides["truncation_prob"] == "0.3"
     assert overrides["prefix_sampling"] == "pow2" and "--trainer.max_steps" not in command
-    command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D2=8,4:0.3:pow2:interval_times=true"), args)
+    command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D2=8,4:0.3:pow2:interval_times=true"), **args)
     overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[6::2], command[7::2], strict=False)}
     assert overrides["interval_times"] == "true" and "--seed_everything" not in command
-    command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D_seed3=8,4:0.3:pow2"), args, seed=3)
+    command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D_seed3=8,4:0.3:pow2"), **args, seed=3)
     assert command[-2:] == ["--seed_everything", "3"]
     assert ordered_sweep.run_name("D", 3, [3, 4]) == "D_seed3" and ordered_sweep.run_name("D", None, [None]) == "D"
 
 
 def test_sweep_averages_over_seeds():
-    from benchmarks import ordered_sweep
+    from v2flow.eval import ordered_sweep
 
     mean, std = ordered_sweep.over_seeds([{1: 14.0, 2: 16.0}, {1: 15.0, 2: 16.0}, {1: 16.0, 2: 16.0}])
     assert mean == {1: 15.0, 2: 16.0} and std == {1: 1.0, 2: 0.0}

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from benchmarks.reliability_checks import resume_check
 from v2flow.data import ResumableDataLoader, ResumableSampler
+from v2flow.eval.reliability import resume_check
 
 
 def _epoch(loader) -> list[int]:

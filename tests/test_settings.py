@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from v2flow.settings import CONFIG_KEYS, DecodeSettings
+from v2flow.settings import NAMES, DecodeSettings, upgrade_config
 
 
 @pytest.mark.parametrize(
@@ -52,14 +52,27 @@ def test_checkpoint_shift_does_not_follow_dopri5():
         defaults.resolve(steps=3)
 
 
-def test_config_round_trip_uses_the_config_names():
+def test_config_round_trip_uses_the_same_names():
     settings = DecodeSettings(num_steps=3, solver="rk4", num_iters=2, cfg_scale=1.5, shift=2, temperature=0)
-    config = settings.to_config()
-    assert sorted(config) == sorted(CONFIG_KEYS.values())
+    config = settings.as_dict()
+    assert tuple(config) == NAMES
     assert DecodeSettings.from_config(config) == settings
+    assert DecodeSettings.from_config(None) == DecodeSettings()
     assert isinstance(settings.shift, float) and isinstance(settings.num_steps, int)
-    with pytest.raises(ValueError, match="sample_\\* decode defaults are invalid: shift must be > 0"):
-        DecodeSettings.from_config({**config, "sample_shift": 0})
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        DecodeSettings.from_config({**config, "shift": 0})
+    with pytest.raises(ValueError, match=r"unknown decode settings \['sample_steps'\]"):
+        DecodeSettings.from_config({"sample_steps": 2})
+
+
+def test_configs_of_older_exports_are_read_with_the_one_name():
+    old = {"num_tokens": 4, "sample_steps": 3, "sample_shift": 2.0, "sample_entropy_weight": 0.1}
+    assert upgrade_config(old) == {
+        "num_tokens": 4,
+        "sample_entropy_weight": 0.1,  # a training weight, not a decode setting
+        "decode": {"num_steps": 3, "shift": 2.0},
+    }
+    assert upgrade_config({"decode": {"num_steps": 2}}) == {"decode": {"num_steps": 2}}
 
 
 def test_tokenizer_decode_validates_and_resolves(tokenizer, images):
@@ -72,7 +85,6 @@ def test_tokenizer_decode_validates_and_resolves(tokenizer, images):
     ]:
         with pytest.raises(ValueError, match=message):
             tokenizer.decode(ids, **kwargs)
-    tokenizer.config["sample_shift"] = 2.0  # a checkpoint whose default shift is not 1 ...
-    tokenizer.decode_defaults = DecodeSettings.from_config(tokenizer.config)
+    tokenizer.decode_defaults = DecodeSettings(shift=2.0)  # a checkpoint whose default shift is not 1 ...
     out = tokenizer.decode(ids, solver="dopri5", generator=torch.Generator().manual_seed(0))  # ... decodes dopri5
     assert torch.isfinite(out.images).all()

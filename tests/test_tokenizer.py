@@ -182,12 +182,14 @@ def test_constructor_validates():
         V2FlowTokenizer(**{**TINY, "encoder_dim": 18, "encoder_heads": 4})
     with pytest.raises(ValueError, match="unknown quantizer"):
         V2FlowTokenizer(**{**TINY, "quantizer": "lfq"})
-    with pytest.raises(ValueError, match="sample_\\* decode defaults are invalid: unknown solver"):
-        V2FlowTokenizer(**{**TINY, "sample_solver": "heun"})
+    with pytest.raises(ValueError, match="decode defaults are invalid: unknown solver"):
+        V2FlowTokenizer(**{**TINY, "decode": {"solver": "heun"}})
+    with pytest.raises(ValueError, match="unknown decode settings \\['steps'\\]"):
+        V2FlowTokenizer(**{**TINY, "decode": {"steps": 3}})
     with pytest.raises(ValueError, match="gumbel=True applies only"):
         V2FlowTokenizer(**{**TINY, "gumbel": True})
-    with pytest.raises(ValueError, match="sample_iters"):
-        V2FlowTokenizer(**{**TINY, "sample_iters": 5})
+    with pytest.raises(ValueError, match="decode num_iters must be in"):
+        V2FlowTokenizer(**{**TINY, "decode": {"num_iters": 5}})
     with pytest.raises(ValueError, match="unknown time_sampling"):
         V2FlowTokenizer(**{**TINY, "time_sampling": "beta"})
 

@@ -115,6 +115,7 @@ def _ids_digest(ids: torch.Tensor) -> str:
     return hashlib.sha256(",".join(map(str, ids.tolist())).encode()).hexdigest()
 
 
+@pytest.mark.slow
 def test_bundled_fps_selection_is_the_same_on_every_machine():
     """The selection is exact integer arithmetic, so the same rows come out in the same order on any CPU."""
     bundled = LLMVocabulary.load("smollm2", num_entries=4096, selection="fps")
@@ -212,6 +213,7 @@ def test_bad_vocabulary_tensors():
         LLMVocabulary(torch.zeros(2, 3), torch.tensor([1, 7]), "x", 5)
 
 
+@pytest.mark.slow
 def test_bundled_smollm2_matches_transformers_gguf_loader():
     """The bundled rows are SmolLM2's own: compare with transformers' GGUF loader and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

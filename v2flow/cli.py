@@ -47,7 +47,7 @@ TASKS = {
 
 def lightning_cli(args: list[str] | None = None, run: bool = True, task: str = "tokenizer"):
     """The Lightning CLI of one training task: ``tokenizer`` (default), ``lm``, ``classifier`` or ``vq`` (the
-    diffusers VQModel baseline, :mod:`v2flow.baseline`)."""
+    diffusers VQModel baseline, :mod:`v2flow.eval.baseline`)."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
@@ -56,9 +56,9 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, task: str = "
     elif task == "lm":
         from .lm_training import ImageLMModule as module
     elif task == "classifier":
-        from .classifier import ClassifierModule as module
+        from .eval.classifier import ClassifierModule as module
     elif task == "vq":
-        from .baseline import VQBaselineModule as module
+        from .eval.baseline import VQBaselineModule as module
     else:
         raise ValueError(f"unknown task {task!r}")
 
@@ -83,6 +83,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True, task: str = "
 
 def _decode_options(p: argparse.ArgumentParser) -> None:
     from .sampling import SOLVERS
+    from .settings import MODES
 
     p.add_argument("--num-steps", type=int, default=None, help="ODE steps per iteration (default: the checkpoint's)")
     p.add_argument("--solver", choices=SOLVERS, default=None)
@@ -90,6 +91,12 @@ def _decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None, help="scale of the starting noise")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="sample: the flow sample (realism); mean: the one-step estimate of the clean image (fidelity)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the decode's noise and reveal order")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
 
@@ -99,14 +106,9 @@ def _decode_kwargs(a: argparse.Namespace, tokenizer) -> dict:
     (:meth:`v2flow.settings.DecodeSettings.resolve`), and a generator seeded with ``--seed``."""
     import torch
 
-    settings = tokenizer.decode_defaults.resolve(
-        num_steps=a.num_steps,
-        solver=a.solver,
-        num_iters=a.num_iters,
-        cfg_scale=a.cfg_scale,
-        shift=a.shift,
-        temperature=a.temperature,
-    )
+    from .settings import NAMES
+
+    settings = tokenizer.decode_defaults.resolve(**{name: getattr(a, name) for name in NAMES})
     return {**settings.as_dict(), "generator": torch.Generator(device=a.device).manual_seed(a.seed)}
 
 
@@ -142,23 +144,6 @@ def _output_stems(files: list[Path]) -> list[str]:
     return stems
 
 
-def _image_files(inputs: list[str]) -> list[Path]:
-    from .images import IMAGE_SUFFIXES, list_images
-
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(list_images(path))
-        elif path.is_file():
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ValueError(f"{path} does not look like an image file ({', '.join(IMAGE_SUFFIXES)})")
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"input {path} does not exist")
-    return files
-
-
 def _add_image_options(p: argparse.ArgumentParser, resize_help: str) -> None:
     p.add_argument("--resize", action="store_true", help=resize_help)
     p.add_argument(
@@ -173,52 +158,24 @@ def _add_image_options(p: argparse.ArgumentParser, resize_help: str) -> None:
 
 
 def _image_batches(files: list[Path], tokenizer, a: argparse.Namespace, desc: str):
-    """Stream the files as (B, C, H, W) batches in [-1, 1] (bounded memory), with a progress bar; ``--resize``,
+    """Stream the files as batches at the tokenizer's size (:func:`v2flow.images.image_batches`); ``--resize``,
     ``--pad`` and ``--convert`` say what may be done to them."""
-    from torch.utils.data import DataLoader, Dataset
-    from tqdm.auto import tqdm
-
-    from .images import load_image, pad_to_size
-    from .utils import releasing_heap
+    from .images import image_batches
 
     cfg = tokenizer.config
-    size = cfg["image_size"]
-    if a.resize and a.pad:
-        raise ValueError("--resize and --pad are two ways to reach the tokenizer's size; choose one")
-
-    class Files(Dataset):
-        def __len__(self) -> int:
-            return len(files)
-
-        def __getitem__(self, i: int):
-            image = load_image(files[i], cfg["in_channels"], size if a.resize else None, convert=a.convert)
-            h, w = image.shape[-2:]
-            if a.pad and (h, w) != (size, size):
-                image = pad_to_size(image, size)
-            if image.shape[-2:] != (size, size):
-                smaller = h <= size and w <= size
-                raise ValueError(
-                    f"{files[i]} is {w}x{h} but the tokenizer expects {size}x{size}; pass "
-                    + (
-                        "--pad to pad it with black background (as 28x28 MNIST digits were padded for training; "
-                        "this matches the shipped MNIST tokenizers) or --resize to scale it up and centre-crop"
-                        if smaller
-                        else "--resize to resize (shorter side) and centre-crop"
-                    )
-                )
-            return image
-
-    if a.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
-    loader = DataLoader(Files(), batch_size=a.batch_size)
-    return releasing_heap(tqdm(loader, desc=desc, unit="batch", disable=None))
+    return image_batches(
+        files,
+        cfg["image_size"],
+        cfg["in_channels"],
+        a.batch_size,
+        resize=a.resize,
+        pad=a.pad,
+        convert=a.convert,
+        desc=desc,
+    )
 
 
-def tool_parser() -> argparse.ArgumentParser:
-    """The parser of the tool commands (``TOOL_COMMANDS``)."""
-    parser = argparse.ArgumentParser(prog="v2flow", description="v2flow tokenizer tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="Lightning checkpoint -> pretrained directory")
     p.add_argument("checkpoint")
     p.add_argument("output")
@@ -229,8 +186,16 @@ def tool_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokenizer and vq checkpoints: EMA (default) or raw weights (LM and classifier runs keep no EMA)",
     )
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override sample_* decode defaults")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override decode defaults, e.g. num_steps=2 temperature=0",
+    )
 
+
+def _add_encode(sub) -> None:
     p = sub.add_parser("encode", help="image files -> token ids")
     p.add_argument("tokenizer", help="pretrained tokenizer directory")
     p.add_argument("inputs", nargs="+", help="image files or folders")
@@ -239,6 +204,8 @@ def tool_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (memory stays bounded)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
 
+
+def _add_decode(sub) -> None:
     p = sub.add_parser("decode", help="token ids -> images")
     p.add_argument("tokenizer")
     p.add_argument("ids", help=".json or .pt written by `v2flow encode` (or a (B, N) list / tensor)")
@@ -251,6 +218,8 @@ def tool_parser() -> argparse.ArgumentParser:
     )
     _decode_options(p)
 
+
+def _add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", help="image files -> ids -> images, with a comparison grid")
     p.add_argument("tokenizer")
     p.add_argument("inputs", nargs="+")
@@ -259,6 +228,10 @@ def tool_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (memory stays bounded)")
     p.add_argument("--grid-size", type=int, default=16, help="images in comparison.png (the first ones)")
     _decode_options(p)
+
+
+def _add_evaluate(sub) -> None:
+    from .eval.evaluation import EVALUATE_HELP
 
     p = sub.add_parser(
         "evaluate",
@@ -289,6 +262,8 @@ def tool_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="also write the JSON to this file")
     _decode_options(p)
 
+
+def _add_calibrate(sub) -> None:
     p = sub.add_parser(
         "calibrate",
         help="store the statistics of a tokenizer's training images in its directory (encode warns off them)",
@@ -300,6 +275,8 @@ def tool_parser() -> argparse.ArgumentParser:
     _add_image_options(p, "folders: resize (shorter side) and centre-crop")
     p.add_argument("--batch-size", type=int, default=500, help="images per batch")
 
+
+def _add_cache_latents(sub) -> None:
     p = sub.add_parser("cache-latents", help="image folder -> sharded latents of a frozen diffusers autoencoder")
     p.add_argument("--autoencoder", required=True, help="diffusers autoencoder directory or hub id")
     p.add_argument("--subfolder", default=None, help="its sub-directory, e.g. vae")
@@ -312,6 +289,22 @@ def tool_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+
+
+def tool_parser() -> argparse.ArgumentParser:
+    """The parser of the tool commands (``TOOL_COMMANDS``)."""
+    parser = argparse.ArgumentParser(prog="v2flow", description="v2flow tokenizer tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_export,
+        _add_encode,
+        _add_decode,
+        _add_reconstruct,
+        _add_evaluate,
+        _add_calibrate,
+        _add_cache_latents,
+    ):
+        add(sub)
     return parser
 
 
@@ -387,8 +380,6 @@ def _checkpoint_kind(path: str) -> str:
 
 
 def _export(a: argparse.Namespace) -> int:
-    from .training import tokenizer_from_checkpoint
-
     out = Path(a.output)
     if out.exists() and not a.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -399,42 +390,42 @@ def _export(a: argparse.Namespace) -> int:
         raise ValueError(f"--weights applies to tokenizer and vq checkpoints only; a {kind} run keeps no EMA copy")
     weights = a.weights or "ema"
     if kind == "classifier":
-        from .classifier import classifier_from_checkpoint
+        from .eval.classifier import classifier_from_checkpoint
 
         classifier_from_checkpoint(a.checkpoint).save_pretrained(out, overwrite=a.overwrite)
-        print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
-        return 0
-    if kind == "lm":
+    elif kind == "lm":
         from .lm_training import image_lm_from_checkpoint
 
         image_lm_from_checkpoint(a.checkpoint).save_pretrained(out, overwrite=a.overwrite)
-        print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
-        return 0
-    if kind == "vq":
-        from .baseline import vq_from_checkpoint
+    elif kind == "vq":
+        from .eval.baseline import vq_from_checkpoint
 
         vq_from_checkpoint(a.checkpoint, weights=weights).save_pretrained(out)
-        print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
-        return 0
-    import yaml
-
-    from .settings import CONFIG_KEYS
-    from .tokenizer import V2FlowTokenizer
-
-    tokenizer = tokenizer_from_checkpoint(a.checkpoint, weights=weights)
-    overrides = {}
-    for item in a.set:
-        key, _, value = item.partition("=")
-        decode_keys = list(CONFIG_KEYS.values())
-        if key not in decode_keys:  # (sample_entropy_weight is a training loss weight, not a decode default)
-            raise ValueError(f"--set accepts the decode defaults only: {decode_keys}; got {key!r}")
-        overrides[key] = yaml.safe_load(value)
-    if overrides:
-        V2FlowTokenizer.from_config({**tokenizer.config, **overrides})  # validates the new defaults
-        tokenizer.config.update(overrides)
-    tokenizer.save_pretrained(out)
+    else:
+        _export_tokenizer(a.checkpoint, out, weights, a.set)
     print(json.dumps({"exported": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
+
+
+def _export_tokenizer(checkpoint: str, out: Path, weights: str, settings: list[str]) -> None:
+    """A tokenizer checkpoint -> a pretrained directory, with `settings` ("name=value") laid over its decode
+    defaults."""
+    import yaml
+
+    from .settings import NAMES
+    from .training import tokenizer_from_checkpoint
+
+    tokenizer = tokenizer_from_checkpoint(checkpoint, weights=weights)
+    overrides = {}
+    for item in settings:
+        key, _, value = item.partition("=")
+        if key not in NAMES:
+            raise ValueError(f"--set accepts the decode settings only: {list(NAMES)}; got {key!r}")
+        overrides[key] = yaml.safe_load(value)
+    if overrides:  # validated as decode() validates them
+        tokenizer.decode_defaults = tokenizer.decode_defaults.resolve(**overrides)
+        tokenizer.config["decode"] = tokenizer.decode_defaults.as_dict()
+    tokenizer.save_pretrained(out)
 
 
 def _write_ids(path: Path, payload: dict) -> None:
@@ -480,10 +471,11 @@ def _read_ids(path: Path):
 def _encode(a: argparse.Namespace) -> int:
     import torch
 
+    from .images import image_files
     from .tokenizer import V2FlowTokenizer
 
     tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
-    files = _image_files(a.inputs)
+    files = image_files(a.inputs)
     # one (n, N) output written in place, rather than small per-batch tensors kept alive between the batches'
     # large temporaries, where they can pin heap pages that glibc would otherwise hand back
     ids = torch.empty(len(files), tokenizer.config["num_tokens"], dtype=torch.long)
@@ -519,18 +511,18 @@ def _decode(a: argparse.Namespace) -> int:
 
 def _reconstruct(a: argparse.Namespace) -> int:
     import torch
-    from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-    from .metrics import psnr_per_image
+    from .images import image_files
+    from .metrics import SSIM, psnr_per_image
     from .tokenizer import V2FlowTokenizer
     from .utils import save_image, save_image_grid
 
     tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer, map_location=a.device)
-    files = _image_files(a.inputs)
+    files = image_files(a.inputs)
     stems = _output_stems(files)
     folder = Path(a.output)
     kwargs = _decode_kwargs(a, tokenizer)  # one generator for the whole stream
-    psnr, ssim = [], StructuralSimilarityIndexMeasure(data_range=2.0).to(a.device)
+    psnr, ssim = [], SSIM().to(a.device)  # the standard way: [0, 1], data range 1
     shown: list[torch.Tensor] = []
     done = 0
     for images in _image_batches(files, tokenizer, a, "reconstructing"):
@@ -554,187 +546,32 @@ def _reconstruct(a: argparse.Namespace) -> int:
     return 0
 
 
-EVALUATE_HELP = """Reconstruct a data set batch by batch (bounded memory, progress bar) and print its metrics as JSON
-and as a markdown table row (with its header).
-
-What the metrics compare: each reconstruction with the exact tensor given to the tokenizer, never with a
-differently cropped or resized original.
-  mnist-test, mnist-val  the 28x28 digits padded with background to the tokenizer's size (no resize)
-  photos-test            fixed (seeded) crops of the held-out scikit-image photo, at native resolution
-  a folder / file        the images at their own size, or with --resize the shorter side resized (bicubic)
-                         to the tokenizer's size and centre-cropped: the metrics then measure the tokenizer
-                         on that resized crop, not the resize.
-
-FD/KID: for MNIST the project's digit classifier (checkpoints/mnist-classifier, test accuracy 99.39 %)
-gives 128-d features; for natural images standard rFID needs --features inception WEIGHTS (a local
-pt_inception-2015-12-05-6726825d.pth and `pip install torch-fidelity`). Without features FD/KID are null,
-with fd_note saying why. FD and KID depend on the number of images: compare them at equal --limit.
-MS-SSIM under 176 px uses fewer scales and a smaller window (see ms_ssim_note)."""
-
-MNIST_DATA = ("mnist-test", "mnist-val")
-NAMED_DATA = (*MNIST_DATA, "photos-test")
-DEFAULT_CLASSIFIER = Path("checkpoints") / "mnist-classifier"  # in the working directory, else in the repository
-
-
-def _default_classifier() -> Path:
-    for path in (DEFAULT_CLASSIFIER, Path(__file__).resolve().parents[1] / DEFAULT_CLASSIFIER):
-        if path.is_dir():
-            return path
-    raise FileNotFoundError(
-        f"the default MNIST feature extractor {DEFAULT_CLASSIFIER} was not found; pass --features classifier DIR "
-        "or --features none"
-    )
-
-
-def _evaluation_batches(a: argparse.Namespace, tokenizer):
-    """(batches with a progress bar, number of images, the crop/resize policy) of ``--data``."""
-    from tqdm.auto import tqdm
-
-    from .utils import releasing_heap
-
-    cfg = tokenizer.config
-    c, s, limit = cfg["in_channels"], cfg["image_size"], a.limit or None
-    if a.limit < 0 or a.batch_size < 1:
-        raise ValueError(f"need --limit >= 0 and --batch-size >= 1, got {a.limit} and {a.batch_size}")
-    if a.data in NAMED_DATA and (a.resize or a.pad or a.convert):
-        raise ValueError(f"--resize, --pad and --convert apply to folders only; {a.data} has a fixed crop policy")
-    if a.data in MNIST_DATA:
-        from .data import load_mnist
-
-        if c != 1 or s < 28:
-            raise ValueError(f"MNIST digits are 1x28x28 (padded); this tokenizer takes {c}x{s}x{s} images")
-        images = load_mnist(a.data.removeprefix("mnist-"), pad_to=s)[0][:limit]
-        batches = releasing_heap(tqdm(images.split(a.batch_size), desc="evaluating", unit="batch", disable=None))
-        return batches, len(images), f"28x28 digits padded with background to {s}x{s}; no resize"
-    if a.data == "photos-test":
-        from .data import SKIMAGE_HELD_OUT, PhotoCropsDataModule
-
-        if c != 3:
-            raise ValueError(f"photos-test gives RGB crops; this tokenizer takes {c}-channel images")
-        held, length = SKIMAGE_HELD_OUT, limit or 2048  # the data module's default test length
-        dm = PhotoCropsDataModule(
-            crop_size=s, eval_batch_size=a.batch_size, test_length=length, photos=held, held_out=held
-        )
-        dm.setup("test")
-        loader = dm.test_dataloader()
-        batches = (x for x, _ in releasing_heap(tqdm(loader, desc="evaluating", unit="batch", disable=None)))
-        return batches, len(dm.test_set), f"fixed {s}x{s} crops of the held-out photo(s) {list(held)}; no resize"
-    files = _image_files([a.data])[:limit]
-    policy = (
-        f"shorter side resized (bicubic) to {s} and centre-cropped; compared with that crop"
-        if a.resize
-        else "the images as stored (no crop, no resize)"
-    )
-    return _image_batches(files, tokenizer, a, "evaluating"), len(files), policy
-
-
-def _feature_extractor(a: argparse.Namespace, tokenizer):
-    """(extractor or None, a description for the JSON) from ``--features``."""
-    spec = a.features or (["classifier"] if a.data in MNIST_DATA else ["none"])
-    kind, rest = spec[0], spec[1:]
-    if kind == "none" and not rest:
-        why = "no --features given" if a.features is None else "--features none"
-        return None, {
-            "kind": "none",
-            "note": f"{why}: FD/KID need a feature extractor (classifier DIR or inception "
-            "WEIGHTS); MNIST data default to the shipped classifier",
-        }
-    if kind == "classifier" and len(rest) <= 1:
-        from .classifier import DigitClassifier
-
-        path = Path(rest[0]) if rest else _default_classifier()
-        model = DigitClassifier.from_pretrained(path, map_location=a.device)
-        cfg, want = tokenizer.config, model.config
-        if (cfg["in_channels"], cfg["image_size"]) != (want["in_channels"], want["image_size"]):
-            raise ValueError(
-                f"the classifier at {path} takes {want['in_channels']}x{want['image_size']}x{want['image_size']} "
-                f"images; this tokenizer's are {cfg['in_channels']}x{cfg['image_size']}x{cfg['image_size']}"
-            )
-        return model, {"kind": "classifier", "path": str(path), "num_features": model.num_features}
-    if kind == "inception" and len(rest) == 1:
-        from .metrics import inception_extractor
-
-        try:
-            model = inception_extractor(rest[0]).to(a.device)
-        except ModuleNotFoundError as err:  # torch-fidelity missing: a usage error, reported as such
-            raise ValueError(str(err)) from err
-        return model, {"kind": "inception", "path": rest[0], "num_features": model.num_features}
-    raise ValueError(f"--features takes 'classifier [DIR]', 'inception WEIGHTS' or 'none', got {' '.join(spec)!r}")
-
-
 def _evaluate(a: argparse.Namespace) -> int:
-    import time
+    from .eval.evaluation import evaluate, markdown_row
+    from .settings import NAMES
 
-    from .metrics import ReconstructionMetrics, evaluate_tokenizer
-    from .tokenizer import V2FlowTokenizer
-
-    tokenizer = V2FlowTokenizer.from_pretrained(a.checkpoint, map_location=a.device)
-    batches, num_images, policy = _evaluation_batches(a, tokenizer)
-    if num_images == 0:
-        raise ValueError(f"{a.data} holds no images")
-    extractor, features = _feature_extractor(a, tokenizer)
-    kwargs = _decode_kwargs(a, tokenizer)
-    decode = {k: v for k, v in kwargs.items() if k != "generator"}
-    metrics = ReconstructionMetrics(
-        feature_extractor=extractor, kid_subset_size=a.kid_subset_size, device=a.device, seed=a.seed
+    result = evaluate(
+        checkpoint=a.checkpoint,
+        data=a.data,
+        limit=a.limit,
+        batch_size=a.batch_size,
+        resize=a.resize,
+        pad=a.pad,
+        convert=a.convert,
+        features=a.features,
+        kid_subset_size=a.kid_subset_size,
+        decode={name: getattr(a, name) for name in NAMES},
+        seed=a.seed,
+        device=a.device,
     )
-    start = time.perf_counter()
-    evaluate_tokenizer(tokenizer, batches, metrics, **kwargs)
-    seconds = time.perf_counter() - start
-    result = metrics.compute()
-    if extractor is None:
-        result["fd_note"] = features.pop("note")
-    result = {
-        "checkpoint": a.checkpoint,
-        "data": a.data,
-        "policy": policy,
-        "decode": decode,
-        "seed": a.seed,
-        "features": features,
-        **result,
-        "seconds": round(seconds, 2),
-    }
     text = json.dumps(result, indent=1)
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(text + "\n")
     print(text)
     print()
-    print(_markdown_row(result, header=True))
+    print(markdown_row(result, header=True))
     return 0
-
-
-def _markdown_row(r: dict, header: bool = False) -> str:
-    """One markdown table row of an evaluation result (with the header and rule lines above it)."""
-
-    def fmt(value, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    d = r["decode"]
-    cells = {
-        "checkpoint": r["checkpoint"],
-        "data": r["data"],
-        "images": r["num_images"],
-        "steps": d["num_steps"],
-        "solver": d["solver"],
-        "iters": d["num_iters"],
-        "cfg": d["cfg_scale"],
-        "temperature": d["temperature"],
-        "shift": d["shift"],
-        "PSNR (dB)": fmt(r["psnr"], ".2f"),
-        "SSIM": fmt(r["ssim"], ".4f"),
-        "MS-SSIM": fmt(r["ms_ssim"], ".4f"),
-        "FD": fmt(r["fd"], ".3f"),
-        "KID": fmt(r["kid_mean"], ".4f"),
-        "distinct ids": r["distinct_ids"],
-        "perplexity": fmt(r["perplexity"], ".0f"),
-        "bits/image": fmt(r["bits_per_image"], ".0f"),
-        "mean position entropy (bits)": fmt(r["mean_position_entropy"], ".2f"),
-    }
-    row = "| " + " | ".join(str(v) for v in cells.values()) + " |"
-    if not header:
-        return row
-    return "| " + " | ".join(cells) + " |\n|" + "---|" * len(cells) + "\n" + row
 
 
 def _calibrate(a: argparse.Namespace) -> int:
@@ -744,6 +581,7 @@ def _calibrate(a: argparse.Namespace) -> int:
 
     from .checks import image_features, input_statistics
     from .hub import CONFIG_NAME, read_json
+    from .images import image_files
     from .tokenizer import V2FlowTokenizer
 
     tokenizer = V2FlowTokenizer.from_pretrained(a.tokenizer)
@@ -760,12 +598,13 @@ def _calibrate(a: argparse.Namespace) -> int:
         batches = load_mnist("train", pad_to=size)[0][:limit].split(a.batch_size)
         description = f"MNIST training digits: white on black, 28x28 padded to {size}x{size}, in [-1, 1]"
     else:
-        batches = _image_batches(_image_files([a.data])[:limit], tokenizer, a, "calibrating")
+        batches = _image_batches(image_files([a.data])[:limit], tokenizer, a, "calibrating")
         description = f"the images in {a.data}"
     statistics = input_statistics(torch.cat([image_features(x) for x in batches]), a.description or description)
     path = Path(a.tokenizer) / CONFIG_NAME
     config = {**read_json(path), "input_statistics": statistics}
-    V2FlowTokenizer.from_config(config)  # validates before anything is written
+    # validated before anything is written, and stored in the current format (the decode defaults by name)
+    config = {"_class_name": "V2FlowTokenizer", **V2FlowTokenizer.from_config(config).config}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(path)  # atomic: the weights and other files are not touched

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .checks import check_statistics
 from .objective import check_objective_config
+from .velocity_transformer import VELOCITY_DECODERS
 
 TOKEN_ORDERS = ("unordered", "ordered")
 
@@ -45,6 +46,10 @@ def check_tokenizer_config(config: dict, defaults: dict) -> None:
             f"image_size {image_size} is not a multiple of patch_size {patch_size}; "
             f"choose image_size = k * {patch_size}"
         )
+    if config["velocity_decoder"] not in VELOCITY_DECODERS:
+        raise ValueError(f"unknown velocity_decoder {config['velocity_decoder']!r}; choose one of {VELOCITY_DECODERS}")
+    if config["velocity_decoder"] == "transformer" and (config["decode"] or {}).get("num_iters", 1) != 1:
+        raise ValueError("velocity_decoder='transformer' decodes every patch at once: set decode num_iters: 1")
     if config["token_order"] not in TOKEN_ORDERS:
         raise ValueError(f"unknown token_order {config['token_order']!r}; choose one of {TOKEN_ORDERS}")
     if config["order_stages"] is not None and config["token_order"] != "ordered":

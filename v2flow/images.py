@@ -1,18 +1,23 @@
-"""Images from files: reading with Pillow into (C, H, W) float32 in [-1, 1], padding, folder listing.
+"""Images from files: reading with Pillow into (C, H, W) float32 in [-1, 1], padding, folder listing, and
+streaming files as batches at a model's size.
 
-No Lightning here: the data modules (:mod:`v2flow.data`), the latent cache and the command line all read
-image files through this module.
+No Lightning here: the data modules (:mod:`v2flow.data`), the latent cache, the evaluation and the command line
+all read image files through this module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .utils import releasing_heap
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -132,3 +137,82 @@ class ImageFileDataset(Dataset):
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return image, -1
+
+
+def image_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """The image files named by `inputs`: files as given, folders searched recursively (:func:`list_images`)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(list_images(path))
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"{path} does not look like an image file ({', '.join(IMAGE_SUFFIXES)})")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input {path} does not exist")
+    return files
+
+
+class _SizedFiles(Dataset):
+    """Image files as (C, size, size) tensors, with the one change to each that the caller allowed."""
+
+    def __init__(self, files: list[Path], size: int, channels: int, resize: bool, pad: bool, convert: bool) -> None:
+        self.files, self.size, self.channels = files, size, channels
+        self.resize, self.pad, self.convert = resize, pad, convert
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        size = self.size
+        image = load_image(self.files[i], self.channels, size if self.resize else None, convert=self.convert)
+        h, w = image.shape[-2:]
+        if self.pad and (h, w) != (size, size):
+            image = pad_to_size(image, size)
+        if image.shape[-2:] != (size, size):
+            smaller = h <= size and w <= size
+            raise ValueError(
+                f"{self.files[i]} is {w}x{h} but the tokenizer expects {size}x{size}; pass "
+                + (
+                    "--pad to pad it with black background (as 28x28 MNIST digits were padded for training; "
+                    "this matches the shipped MNIST tokenizers) or --resize to scale it up and centre-crop"
+                    if smaller
+                    else "--resize to resize (shorter side) and centre-crop"
+                )
+            )
+        return image
+
+
+def image_batches(
+    files: list[Path],
+    image_size: int,
+    channels: int,
+    batch_size: int,
+    resize: bool = False,
+    pad: bool = False,
+    convert: bool = False,
+    desc: str = "reading",
+) -> Iterator[torch.Tensor]:
+    """Stream image files as (B, C, H, W) batches in [-1, 1] (bounded memory), with a progress bar.
+
+    An image not of `image_size` is refused unless the caller allows one change; the keywords and the options
+    that error messages name are those of the ``v2flow`` command line.
+
+    Args:
+        files: the image files, in order.
+        image_size: the side every image must have (H = W).
+        channels: 1 or 3.
+        batch_size: images per batch, >= 1.
+        resize: resize the shorter side (bicubic) and centre-crop to `image_size`.
+        pad: pad smaller images centred with black background (-1), as MNIST digits are padded.
+        convert: convert colour images to grey for 1 channel (else refused).
+        desc: the progress bar's label.
+    """
+    if resize and pad:
+        raise ValueError("--resize and --pad are two ways to reach the tokenizer's size; choose one")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    loader = DataLoader(_SizedFiles(files, image_size, channels, resize, pad, convert), batch_size=batch_size)
+    return releasing_heap(tqdm(loader, desc=desc, unit="batch", disable=None))

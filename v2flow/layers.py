@@ -125,6 +125,26 @@ class AdaLNResBlock(nn.Module):
         return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
 
 
+class AdaLNTransformerBlock(nn.Module):
+    """DiT block: attention and MLP, each behind an adaptive LayerNorm (shift, scale) and a gate, all six read
+    from a conditioning vector c (B, D) (the time). The owner zero-initialises the modulation (adaLN-Zero), so
+    the block starts as the identity."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D), c (B, D) -> (B, T, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)[:, None].chunk(6, dim=-1)  # (B, 1, D)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
 def init_transformer_weights(module: nn.Module) -> None:
     """Xavier-uniform linear weights and zero biases; LayerNorms at identity (DiT/MAR convention)."""
     for m in module.modules():

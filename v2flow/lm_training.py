@@ -3,8 +3,9 @@
 ``v2flow lm fit --config configs/lm_mnist.yaml`` trains :class:`ImageLMModule` on
 :class:`MNISTTokenDataModule`: (caption, image-token) pairs whose image tokens were computed once with the
 image tokenizer and cached. The loss is next-token cross-entropy on the image tokens and
-``<|image_end|>`` only. When a judge classifier is given, every validation also writes images from the
-prompts, decodes them and reports prompt-following accuracy (the fraction classified as the prompted
+``<|image_end|>`` only. When a judge is given (any object with ``predict(images) -> digits``, see
+:class:`DigitJudge`; the config builds one from a saved MNIST classifier), every validation also writes images
+from the prompts, decodes them and reports prompt-following accuracy (the fraction judged to be the prompted
 digit) and a PNG grid (one row per prompt).
 """
 
@@ -15,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -23,7 +24,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .classifier import DigitClassifier
 from .data import ResumableDataLoader, ResumableSampler, load_mnist, training_seed
 from .llm import LOSS_VOCABULARIES, ImageLM, check_vocab_mode, load_causal_lm
 from .tokenizer import V2FlowTokenizer
@@ -33,6 +33,14 @@ from .vocab import BUNDLED_SMOLLM2, cache_dir
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEFAULT_CAPTIONS = ("a handwritten digit {word}",)
+
+
+class DigitJudge(Protocol):
+    """What validation needs of a judge: the digit each generated image shows."""
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images in [-1, 1] -> (B,) predicted digits."""
+        ...
 
 
 def digit_caption(label: int, template: str = DEFAULT_CAPTIONS[0]) -> str:
@@ -241,7 +249,8 @@ class ImageLMModule(DisplayCallbacks):
         gradient_checkpointing: trade compute for activation memory.
         loss_vocabulary: ``"image"`` (softmax over the image tokens and ``<|image_end|>``, what constrained
             generation samples from) or ``"full"`` (the LM's whole vocabulary); see :meth:`ImageLM.loss`.
-        judge: a :class:`DigitClassifier` directory; enables prompt-following accuracy at validation.
+        judge: a :class:`DigitJudge` (built by the config, e.g. a saved MNIST classifier); enables
+            prompt-following accuracy at validation.
         eval_samples_per_digit: images written per digit at each validation (0 disables generation).
         eval_temperature, eval_top_k: sampling settings of those generations.
         decode_steps: ODE steps when decoding generated tokens.
@@ -263,7 +272,7 @@ class ImageLMModule(DisplayCallbacks):
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
         loss_vocabulary: str = "image",
-        judge: str | None = None,
+        judge: DigitJudge | None = None,
         eval_samples_per_digit: int = 0,
         eval_temperature: float = 1.0,
         eval_top_k: int | None = None,
@@ -280,14 +289,14 @@ class ImageLMModule(DisplayCallbacks):
         except (KeyError, IndexError) as err:
             raise ValueError(f"eval_caption {eval_caption!r} may only use {{word}} and {{digit}}") from err
         if eval_samples_per_digit and judge is None:
-            raise ValueError("eval_samples_per_digit > 0 needs a judge classifier directory")
+            raise ValueError("eval_samples_per_digit > 0 needs a judge")
         if eval_temperature <= 0:
             raise ValueError(f"eval_temperature must be > 0, got {eval_temperature}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["judge"])
         self.image_lm: ImageLM | None = None
         self.lm: torch.nn.Module | None = None
         self.image_tokenizer: V2FlowTokenizer | None = None
-        self.judge: DigitClassifier | None = None
+        self.judge = judge
 
     def configure_model(self) -> None:
         if self.lm is not None:
@@ -301,8 +310,6 @@ class ImageLMModule(DisplayCallbacks):
             model.gradient_checkpointing_enable()
         self.lm = model.train()  # from_pretrained returns eval mode, and Lightning keeps submodule modes
         self.image_tokenizer = image_tokenizer.eval()
-        if hp.judge is not None:
-            self.judge = DigitClassifier.from_pretrained(hp.judge).requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ steps
 
@@ -381,7 +388,7 @@ class ImageLMModule(DisplayCallbacks):
         return adamw_warmup_cosine(self.trainer, decay, no_decay, hp)
 
     def state_dict(self, *args, **kwargs):
-        # only the LM is trained: the image tokenizer and the judge reload from their directories
+        # only the LM is trained: the image tokenizer reloads from its directory, the judge comes from the config
         return self.lm.state_dict(*args, prefix="lm.", **{k: v for k, v in kwargs.items() if k != "prefix"})
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -414,7 +421,8 @@ def image_lm_from_checkpoint(path: str | os.PathLike) -> ImageLM:
         raise ValueError(f"{path} is not an ImageLMModule checkpoint (no 'v2flow_lm_layout')")
     hparams = dict(ckpt["hyper_parameters"])
     hparams.pop("_instantiator", None)
-    hparams.update(judge=None, eval_samples_per_digit=0)  # exporting needs no judge
+    hparams.pop("judge", None)  # exporting needs no judge (some checkpoints hold its directory here)
+    hparams.update(eval_samples_per_digit=0)
     module = ImageLMModule(**hparams)
     module.on_load_checkpoint(ckpt)  # refuses a layout that no longer matches the image tokenizer
     module.load_state_dict(ckpt["state_dict"])

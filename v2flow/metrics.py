@@ -5,12 +5,12 @@ crop, pad or resize that produced that tensor; never with a differently cropped 
 published numbers compare reconstructions of centre crops with full or differently resized originals; such
 numbers mix the resize error into the tokenizer's and are not comparable with these.)
 
-* :class:`ReconstructionMetrics`: the streaming accumulator every evaluation uses (``v2flow evaluate``,
+* :class:`ReconstructionMetrics`: the streaming accumulator every evaluation uses (the ``evaluate`` command,
   ``benchmarks/reconstruction.py``, baselines): PSNR, SSIM, MS-SSIM, Frechet distance and KID over a
   pluggable feature extractor, vocabulary statistics. It knows nothing of the model that made the images.
 * :func:`evaluate_tokenizer`: encode -> decode every batch of a stream into a :class:`ReconstructionMetrics`.
 * Feature extractors: any ``nn.Module`` with ``features(images) -> (B, F)`` and an int ``num_features``
-  (for MNIST, :class:`~v2flow.classifier.DigitClassifier`); :func:`inception_extractor` builds the standard
+  (for MNIST, the project's ``DigitClassifier``); :func:`inception_extractor` builds the standard
   FID Inception-v3 from a local weights file.
 * Pure helpers: :func:`psnr_per_image`, :func:`psnr_ssim`, :func:`frechet_distance_gaussians` (closed form),
   :func:`kernel_inception_distance` (with its standard error), :func:`entropy_bits`, :func:`ms_ssim_settings`,
@@ -640,7 +640,7 @@ def evaluate_tokenizer(
     Args:
         tokenizer: a :class:`~v2flow.tokenizer.V2FlowTokenizer` (anything with ``encode(images)`` ->
             ``.ids``/``.indices``, ``decode(ids, **decode_kwargs)`` -> ``.images``, and ``resampler.num_codes`` or
-            ``config["codebook_size"]``: a :class:`~v2flow.baseline.VQTokenizer` works too).
+            ``config["codebook_size"]``: the VQ baseline's ``VQTokenizer`` works too).
         batches: the input stream; memory stays bounded by one batch plus the metric states.
         metrics: the accumulator.
         prefix: decode only the first `prefix` tokens of each sequence (token statistics still count all of
@@ -669,7 +669,7 @@ def frechet_distance(extractor: nn.Module, real: Tensor, fake: Tensor, batch_siz
 
     Args:
         extractor: a model with ``features(images) -> (B, F)`` and an int ``num_features`` (for MNIST, the
-            project's :class:`~v2flow.classifier.DigitClassifier`).
+            project's ``DigitClassifier``).
         real, fake: (B, C, H, W) images in [-1, 1], given to the extractor as they are (on its device).
     """
     from torchmetrics.image.fid import FrechetInceptionDistance

@@ -49,6 +49,16 @@ def check_objective_config(config: dict) -> None:
         raise ValueError(f"unknown truncation_tail {config['truncation_tail']!r}; choose one of {TRUNCATION_TAILS}")
     if config["interval_times"] and config["token_order"] != "ordered":
         raise ValueError("interval_times applies to token_order='ordered' only")
+    if config["velocity_decoder"] == "transformer":  # it needs every patch of an image at one time
+        if config["mask_ratio_min"] != 1.0:
+            raise ValueError(
+                "velocity_decoder='transformer' sees whole images, so training masks every patch: set "
+                f"mask_ratio_min: 1.0 and mask_ratio_max: 1.0 (got mask_ratio_min={config['mask_ratio_min']})"
+            )
+        if config["interval_times"]:
+            raise ValueError(
+                "interval_times draws a time per patch; velocity_decoder='transformer' takes one per image"
+            )
 
 
 def sample_mask(
@@ -88,7 +98,7 @@ def tokenizer_loss(
     cond = tok.decoder(
         out.embeddings, patches, mask, drop if tok.training else None, token_mask=visible, token_keep=token_keep
     )  # (B, L, D)
-    times = patch_times(tok, t, mask, generator, lengths)
+    times = loss_times(tok, t, mask, generator, lengths)
     parts = {"flow": flow_loss(tok, patches[mask], cond[mask], generator, times)}
     if tok.patch_predictor is not None:
         counted = (mask & ~drop[:, None]) if tok.training else mask  # (B, L): masked patches with their tokens
@@ -110,6 +120,26 @@ def ordered_times(tok: V2FlowTokenizer, batch_size: int, device, generator: torc
 
 def _time_distribution(cfg: dict) -> dict:
     return dict(method=cfg["time_sampling"], mean=cfg["time_mean"], std=cfg["time_std"], shift=cfg["time_shift"])
+
+
+def loss_times(
+    tok: V2FlowTokenizer,
+    t: torch.Tensor | None,
+    mask: torch.Tensor,
+    generator: torch.Generator | None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The flow loss's times: :func:`patch_times` in ordered mode; with the whole-image velocity network, one
+    time per image and noise draw (its rows share it), (batch_mul * B * L,) draw-major; else None (the loss
+    draws one per row)."""
+    times = patch_times(tok, t, mask, generator, lengths)
+    if times is None and tok.config["velocity_decoder"] == "transformer":
+        cfg, b = tok.config, mask.shape[0]
+        per_image = sample_time(
+            cfg["batch_mul"] * b, **_time_distribution(cfg), device=mask.device, generator=generator
+        )  # (batch_mul * B,)
+        times = per_image.repeat_interleave(tok.num_patches)
+    return times
 
 
 def patch_times(
@@ -191,7 +221,7 @@ def token_usefulness(
             generator = torch.Generator(device=device).manual_seed(seed)
             t, visible = ordered_times(tok, b, device, generator)
             cond = tok.decoder(tok.resampler.embed(idx), patches, mask, token_mask=visible)
-            t = patch_times(tok, t, mask, generator)
+            t = loss_times(tok, t, mask, generator)
             result[f"flow_loss_{name}"] = float(flow_loss(tok, patches[mask], cond[mask], generator, t))
     finally:
         tok.train(was_training)

@@ -180,6 +180,7 @@ def masked_flow_sample(
     atol: float = 1e-5,
     breakpoints: Sequence[float] = (),
     stop_at: float = 0.0,
+    grid_order: bool = False,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
@@ -201,6 +202,8 @@ def masked_flow_sample(
         stop_at: integrate each iteration's ODE only down to this noise level, then return the velocity
             head's one-step data estimate there, ``x - stop_at * v(x, stop_at)`` (with the conditions at
             ``stop_at``). 0 integrates to the data; 1 returns the estimate from the starting noise.
+        grid_order: reveal the patches in grid order instead of a random one (one iteration only): the rows
+            given to `velocity` are then each image's patches in grid order, as a whole-image network needs.
     Returns:
         (B, L, P) float32 patches.
     """
@@ -208,9 +211,14 @@ def masked_flow_sample(
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
     if not 0.0 <= stop_at <= 1.0:
         raise ValueError(f"stop_at must be a noise level in [0, 1], got {stop_at}")
+    if grid_order and num_iters != 1:
+        raise ValueError(f"grid_order reveals every patch at once: use num_iters=1, got {num_iters}")
     patches = torch.zeros(batch_size, num_patches, patch_dim, device=device)
     known = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
-    order = draw(torch.rand, batch_size, num_patches, generator=generator, device=device).argsort(dim=1)
+    if grid_order:
+        order = torch.arange(num_patches, device=device).expand(batch_size, num_patches)
+    else:
+        order = draw(torch.rand, batch_size, num_patches, generator=generator, device=device).argsort(dim=1)
     stretches = _stretches(num_steps, shift, breakpoints, solver, end=stop_at)  # the estimate replaces the rest
     start = 0
     for count in reveal_counts(num_patches, num_iters):

@@ -1,10 +1,11 @@
 """Decode settings: one type for the six choices that shape a decode, validated in one place.
 
-A tokenizer stores its defaults in its config as ``sample_steps``, ``sample_solver``, ``sample_iters``,
-``sample_cfg``, ``sample_shift`` and ``sample_temperature``; :meth:`DecodeSettings.from_config` reads them and
-:meth:`DecodeSettings.resolve` lays a caller's explicit choices over them.
+The names are the same everywhere: ``decode(num_steps=...)``, a tokenizer config's ``decode: {num_steps: ...}``
+(its defaults), ``v2flow decode --num-steps``, ``v2flow export --set num_steps=...``, the training module's
+``val_decode`` and the benchmarks' JSON. :meth:`DecodeSettings.resolve` lays a caller's explicit choices over a
+tokenizer's defaults.
 
-A default only applies where it means something: the checkpoint's ``sample_shift`` shapes the grid of the
+A default only applies where it means something: the checkpoint's default ``shift`` shapes the grid of the
 fixed-step solvers and the flow-matching scheduler, so ``solver="dopri5"`` (adaptive, no grid) decodes with
 shift 1 unless the caller passes a shift, which is then an error.
 """
@@ -20,15 +21,17 @@ import torch
 
 from .sampling import FIXED_SOLVERS, SOLVERS, time_grid
 
-# config key of each decode setting
-CONFIG_KEYS = {
-    "num_steps": "sample_steps",
-    "solver": "sample_solver",
-    "num_iters": "sample_iters",
-    "cfg_scale": "sample_cfg",
-    "shift": "sample_shift",
-    "temperature": "sample_temperature",
+# how tokenizer configs written before the settings had one name spelled them (read, never written)
+LEGACY_CONFIG_KEYS = {
+    "sample_steps": "num_steps",
+    "sample_solver": "solver",
+    "sample_iters": "num_iters",
+    "sample_cfg": "cfg_scale",
+    "sample_shift": "shift",
+    "sample_temperature": "temperature",
+    "sample_mode": "mode",
 }
+MODES = ("sample", "mean")
 
 
 def _whole(name: str, value) -> int:
@@ -57,6 +60,11 @@ class DecodeSettings:
         shift: timestep shift of the grid (SD3 convention; > 1 spends more steps near the noise). Must be 1
             with ``dopri5``.
         temperature: scale of the starting noise, >= 0 (0 is deterministic).
+        mode: ``"sample"``, the flow sample (integrate the ODE to t = 0: realism, FD), or ``"mean"``, the
+            deterministic fidelity decode: the velocity network's one-step estimate of the clean image,
+            ``x_t - t v``, where every token is in play (t = 1 for unordered tokens, from zero noise; below
+            the last token's entry level for ordered ones). It estimates the mean of the images the tokens
+            allow, which PSNR and SSIM reward.
     """
 
     num_steps: int = 8
@@ -65,11 +73,14 @@ class DecodeSettings:
     cfg_scale: float = 1.0
     shift: float = 1.0
     temperature: float = 1.0
+    mode: str = "sample"
 
     def __post_init__(self) -> None:
         steps = _whole("num_steps", self.num_steps)
         if steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {steps}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown decode mode {self.mode!r}; choose one of {MODES}")
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; choose one of {SOLVERS}")
         iters = _whole("num_iters", self.num_iters)
@@ -110,12 +121,15 @@ class DecodeSettings:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def from_config(cls, config: dict) -> DecodeSettings:
-        """The defaults a tokenizer config stores under its ``sample_*`` keys."""
-        try:
-            return cls(**{name: config[key] for name, key in CONFIG_KEYS.items()})
-        except ValueError as err:
-            raise ValueError(f"the config's sample_* decode defaults are invalid: {err}") from err
+    def from_config(cls, settings: dict | None) -> DecodeSettings:
+        """The settings of a config's ``decode`` entry (a dict of some of the fields; the rest default)."""
+        settings = settings or {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"decode must be a dict of decode settings, got {settings!r}")
+        unknown = sorted(set(settings) - set(NAMES))
+        if unknown:
+            raise ValueError(f"unknown decode settings {unknown}; valid ones are {list(NAMES)}")
+        return cls(**settings)
 
     def resolve(self, **given) -> DecodeSettings:
         """These settings (the defaults) with the caller's explicit choices laid over them.
@@ -123,17 +137,26 @@ class DecodeSettings:
         `given` holds keyword values, None meaning "not given". The default shift does not follow a given
         ``solver="dopri5"``: it only shapes fixed grids, so dopri5 decodes with shift 1 unless a shift is given.
         """
-        unknown = sorted(set(given) - set(CONFIG_KEYS))
+        unknown = sorted(set(given) - set(NAMES))
         if unknown:
-            raise ValueError(f"unknown decode settings {unknown}; valid ones are {list(CONFIG_KEYS)}")
+            raise ValueError(f"unknown decode settings {unknown}; valid ones are {list(NAMES)}")
         chosen = {k: v for k, v in given.items() if v is not None}
         if chosen.get("solver") == "dopri5" and "shift" not in chosen:
             chosen["shift"] = 1.0
         return DecodeSettings(**{**asdict(self), **chosen})
 
-    def to_config(self) -> dict:
-        """The ``sample_*`` config entries of these settings."""
-        return {CONFIG_KEYS[f.name]: getattr(self, f.name) for f in fields(self)}
-
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+NAMES = tuple(f.name for f in fields(DecodeSettings))
+
+
+def upgrade_config(config: dict) -> dict:
+    """A tokenizer config with decode defaults under the ``sample_*`` keys of older exports moved into its
+    ``decode`` entry (the same settings under their one name); other configs are returned as they are."""
+    legacy = {k: v for k, v in config.items() if k in LEGACY_CONFIG_KEYS}
+    if not legacy:
+        return config
+    rest = {k: v for k, v in config.items() if k not in LEGACY_CONFIG_KEYS}
+    return {**rest, "decode": {**(config.get("decode") or {}), **{LEGACY_CONFIG_KEYS[k]: v for k, v in legacy.items()}}}

@@ -1,7 +1,7 @@
 """Tiny seeded tokenizers for tests, benchmarks and bug reports (in the spirit of ``torch.testing``).
 
-One definition shared by ``tests/``, ``benchmarks/reliability_checks.py`` and ``benchmarks/fuzz_cases.py``, so
-the tokenizer a benchmark sweeps is the one the tests pin down:
+One definition shared by ``tests/``, the benchmarks and the evaluation package's reliability checks and fuzz
+cases, so the tokenizer a benchmark sweeps is the one the tests pin down:
 
     from v2flow.testing import tiny_tokenizer
     tok = tiny_tokenizer()                         # 8x8 gray images, 4 tokens, 32 entries of a 100-token "LLM"
@@ -31,7 +31,7 @@ TINY_CONFIG: dict = dict(
     decoder_heads=2,
     head_width=16,
     head_depth=1,
-    sample_steps=2,
+    decode={"num_steps": 2},
 )
 """The smallest tokenizer that exercises every part: 2x2 patches of 4x4 pixels, 4 tokens, depth-1 stacks.
 :func:`tiny_tokenizer` adds the tiny sizes of mode-specific keys (``TINY_MODE_SIZES``) where they apply."""

@@ -51,8 +51,9 @@ from .ordering import SELFTOK_STAGES, OrderSchedule
 from .outputs import DecodeOutput, EncodeOutput, ReconstructOutput
 from .resampler import VocabularyResampler, perplexity
 from .sampling import masked_flow_sample
-from .settings import DecodeSettings
+from .settings import DecodeSettings, upgrade_config
 from .velocity import VelocityHead
+from .velocity_transformer import ImageVelocityTransformer
 from .vocab import LLMVocabulary
 
 
@@ -88,7 +89,10 @@ class V2FlowTokenizer(nn.Module):
         decoder_dim, decoder_encoder_depth, decoder_depth, decoder_heads, cond_drop_prob: the masked transformer.
         mask_ratio_min, mask_ratio_max, mask_ratio_std: training mask ratio ~ truncated normal with mean
             ``mask_ratio_max`` and this std, cut to [min, max] (MAR's choice).
-        head_width, head_depth: the velocity MLP.
+        head_width, head_depth: width and depth of the velocity network.
+        velocity_decoder: ``"mlp"``, V2Flow's per-patch MLP head (each patch's velocity from that patch
+            alone), or ``"transformer"``, DiT blocks over all patches of an image (:mod:`v2flow.velocity_transformer`;
+            ``decoder_heads`` heads; trains with every patch masked and decodes in one mask iteration).
         batch_mul: noise draws per masked patch in the flow loss.
         time_sampling, time_mean, time_std, time_shift: training time distribution (see ``sample_time``).
         aux_weight: weight of the auxiliary loss that makes each patch condition predict its patch.
@@ -112,8 +116,8 @@ class V2FlowTokenizer(nn.Module):
             training time distribution restricted to that stretch), instead of the sample's one time. The
             condition is valid at all of them, the times keep their distribution, and the flow loss sees
             many noise levels per transformer pass instead of one per sample.
-        sample_steps, sample_solver, sample_iters, sample_cfg, sample_shift, sample_temperature: default decode
-            settings (see :meth:`decode`).
+        decode: the default decode settings, by their :class:`v2flow.settings.DecodeSettings` names (e.g.
+            ``{num_steps: 2, temperature: 0.0}``); the config stores all of them.
         input_statistics: statistics of the training images (:func:`v2flow.checks.input_statistics`: per-image
             pixel mean and spread, their mean and spread over the data, and what the data were), written by
             training or ``v2flow calibrate``; :meth:`encode` warns when images are far from them.
@@ -171,20 +175,20 @@ class V2FlowTokenizer(nn.Module):
         prefix_sampling: str = "uniform",
         truncation_tail: str = "token",
         interval_times: bool = False,
-        sample_steps: int = 8,
-        sample_solver: str = "euler",
-        sample_iters: int = 1,
-        sample_cfg: float = 1.0,
-        sample_shift: float = 1.0,
-        sample_temperature: float = 1.0,
+        decode: dict | None = None,
         input_statistics: dict | None = None,
+        velocity_decoder: str = "mlp",
     ) -> None:
         keys = set(self.config_keys())
         config = {k: v for k, v in locals().items() if k in keys}
         check_types(type(self).__init__, config)
         super().__init__()
         self.config = config
-        self.decode_defaults = DecodeSettings.from_config(config)
+        try:
+            self.decode_defaults = DecodeSettings.from_config(decode)
+        except ValueError as err:
+            raise ValueError(f"the config's decode defaults are invalid: {err}") from err
+        config["decode"] = self.decode_defaults.as_dict()
         check_tokenizer_config(config, defaults=self.config_defaults())
         self.schedule = OrderSchedule(num_tokens, order_stages or SELFTOK_STAGES) if token_order == "ordered" else None
         self.first_stage = build_first_stage(
@@ -199,9 +203,10 @@ class V2FlowTokenizer(nn.Module):
             raise ValueError(f"latent size {latent_size} is not a multiple of patch_size {patch_size}")
         self.num_patches = (latent_size // patch_size) ** 2
         self.patch_dim = latent_channels * patch_size**2
-        if not 1 <= sample_iters <= self.num_patches:
+        if not 1 <= self.decode_defaults.num_iters <= self.num_patches:
             raise ValueError(
-                f"sample_iters must be in [1, {self.num_patches}] (the number of patches), got {sample_iters}"
+                f"decode num_iters must be in [1, {self.num_patches}] (the number of patches), "
+                f"got {self.decode_defaults.num_iters}"
             )
         self._build_networks(config)
         self.vocabulary_installed = False  # set_vocabulary installs the frozen LLM rows
@@ -244,9 +249,19 @@ class V2FlowTokenizer(nn.Module):
             cond_drop_prob=c["cond_drop_prob"],
             truncation=c["truncation_prob"] > 0 and c["truncation_tail"] == "token",
         )
-        self.head = VelocityHead(
-            patch_dim=self.patch_dim, cond_dim=c["decoder_dim"], width=c["head_width"], depth=c["head_depth"]
-        )
+        if c["velocity_decoder"] == "transformer":
+            self.head = ImageVelocityTransformer(
+                patch_dim=self.patch_dim,
+                cond_dim=c["decoder_dim"],
+                num_patches=self.num_patches,
+                width=c["head_width"],
+                depth=c["head_depth"],
+                num_heads=c["decoder_heads"],
+            )
+        else:
+            self.head = VelocityHead(
+                patch_dim=self.patch_dim, cond_dim=c["decoder_dim"], width=c["head_width"], depth=c["head_depth"]
+            )
         # auxiliary: each patch condition predicts its patch (absent when unused: DDP needs every parameter used)
         self.patch_predictor = nn.Linear(c["decoder_dim"], self.patch_dim) if c["aux_weight"] > 0 else None
 
@@ -408,6 +423,7 @@ class V2FlowTokenizer(nn.Module):
         cfg_scale: float | None = None,
         shift: float | None = None,
         temperature: float | None = None,
+        mode: str | None = None,
         rtol: float = 1e-5,
         atol: float = 1e-5,
         allow_truncation: bool = False,
@@ -415,7 +431,7 @@ class V2FlowTokenizer(nn.Module):
         generator: torch.Generator | None = None,
     ) -> DecodeOutput:
         """Token ids (B, N) -> images (B, C, H, W) in [-1, 1], by integrating the flow ODE over `num_iters`
-        mask-schedule iterations. Settings left as None take the config's ``sample_*`` defaults.
+        mask-schedule iterations. Settings left as None take the config's ``decode`` defaults.
 
         A prefix (B, k), 1 <= k <= N, decodes too: its tail is replaced by the truncation token when the model
         was trained with nested truncation and ``truncation_tail="token"``, and hidden otherwise. In ordered mode the transformer runs once per
@@ -431,6 +447,8 @@ class V2FlowTokenizer(nn.Module):
             cfg_scale: classifier-free guidance scale (1 = none).
             shift: timestep shift of the grid.
             temperature: scale of the starting noise; < 1 trades diversity for fidelity (0 is deterministic).
+            mode: ``"sample"`` (the flow sample) or ``"mean"`` (the one-step estimate of the clean image where
+                every given token is in play: the fidelity decode; see :class:`v2flow.settings.DecodeSettings`).
             rtol, atol: tolerances of ``dopri5``.
             allow_truncation: decode a prefix with an unordered tokenizer (whose tokens are not coarse to fine).
             prefix_estimate: for a prefix of k < N tokens, integrate only down to the noise level where token k
@@ -438,11 +456,12 @@ class V2FlowTokenizer(nn.Module):
                 return the velocity head's one-step estimate of the clean image there, ``x_t - t v``. Below
                 that level no given token is left to enter, so integrating on only draws detail the prefix
                 does not hold: the estimate is blurrier and scores higher in PSNR (the decoder's guess at the
-                mean of the images the prefix allows). No effect on a full sequence.
+                mean of the images the prefix allows). No effect on a full sequence; ``mode="mean"`` does the
+                same for any length.
             generator: for reproducible noise and reveal order.
         """
         given = dict(num_steps=num_steps, solver=solver, num_iters=num_iters, cfg_scale=cfg_scale, shift=shift)
-        settings = self.decode_defaults.resolve(**given, temperature=temperature)
+        settings = self.decode_defaults.resolve(**given, temperature=temperature, mode=mode)
         self._require_vocabulary()
         n = self.config["num_tokens"]
         k = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.ndim == 2 else n
@@ -458,8 +477,8 @@ class V2FlowTokenizer(nn.Module):
             self.decoder, self.schedule, self.resampler.embed(indices), keep, hidden_tail, settings.cfg_scale
         )
         stop_at, breakpoints = 0.0, []
-        if prefix_estimate and k < n:
-            stop_at = float(self.schedule.token_times()[k]) if self.schedule is not None else 1.0
+        if settings.mode == "mean" or (prefix_estimate and k < n):  # where every given token is in play
+            stop_at = float(self.schedule.token_times()[min(k, n - 1)]) if self.schedule is not None else 1.0
         if self.schedule is not None:  # the visible tokens change where tokens enter (only up to k if hidden)
             breakpoints = self.schedule.token_times()[1 : (n if hidden_tail is None else k)].tolist()
         was_training = self.training
@@ -471,11 +490,12 @@ class V2FlowTokenizer(nn.Module):
                 batch_size=b,
                 num_patches=self.num_patches,
                 patch_dim=self.patch_dim,
-                **settings.as_dict(),
+                **{k: v for k, v in settings.as_dict().items() if k != "mode"},
                 rtol=rtol,
                 atol=atol,
                 breakpoints=breakpoints,
                 stop_at=stop_at,
+                grid_order=self.config["velocity_decoder"] == "transformer",
                 generator=generator,
                 device=device,
             )
@@ -564,7 +584,7 @@ class V2FlowTokenizer(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> V2FlowTokenizer:
         """Build an untrained tokenizer from a config dict; unknown keys raise."""
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        config = upgrade_config({k: v for k, v in config.items() if not k.startswith("_")})
         keys = cls.config_keys()
         unknown = sorted(set(config) - set(keys))
         if unknown:

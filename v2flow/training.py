@@ -153,7 +153,7 @@ class ModelSummary(RichModelSummary if _RICH_AVAILABLE else LightningModelSummar
     modules have no single forward (training calls ``tokenizer.loss``, an LM step builds its batch from
     captions), so Lightning printed a FLOPs column of zeros and "Total FLOPs: 0", which read as a
     measurement. When the count is zero the column and the total are left out; a module that does set
-    ``example_input_array`` keeps them. Measured training FLOPs and MFU: :mod:`v2flow.flops`.
+    ``example_input_array`` keeps them. Measured training FLOPs and MFU: ``benchmarks/speed.py mfu``.
     """
 
     @staticmethod
@@ -309,7 +309,7 @@ class ReplicaCheck(L.Callback):
 
 class TokenizerEvalModule(DisplayCallbacks):
     """Validation and test bookkeeping shared by the tokenizer modules (:class:`V2FlowModule` and the VQ
-    baseline's :class:`~v2flow.baseline.VQBaselineModule`).
+    baseline's ``VQBaselineModule``).
 
     Vocabulary usage is counted over every rank's images, reconstructions are scored with PSNR/SSIM (reduced
     across ranks by torchmetrics) and the first batch is written as a grid. Subclasses set ``tokenizer``,
@@ -385,7 +385,8 @@ class V2FlowModule(TokenizerEvalModule):
         temperature_end: if set, the resampler's softmax temperature is annealed geometrically from its
             config value to this over ``temperature_anneal_steps``.
         temperature_anneal_steps: length of the anneal.
-        val_num_steps, val_solver, val_num_iters: decode settings for validation reconstructions.
+        val_decode: decode settings of the validation reconstructions, by their :class:`DecodeSettings` names
+            (e.g. ``{num_steps: 8}``); the rest, or all when None, are the tokenizer's ``decode`` defaults.
         val_recon_batches: validation batches that are reconstructed (PSNR/SSIM); the rest only give losses
             and vocabulary usage.
         grid_size: digits in the validation PNG grid.
@@ -405,9 +406,7 @@ class V2FlowModule(TokenizerEvalModule):
         min_lr_ratio: float = 0.05,
         temperature_end: float | None = None,
         temperature_anneal_steps: int = 0,
-        val_num_steps: int = 8,
-        val_solver: str = "euler",
-        val_num_iters: int = 1,
+        val_decode: dict | None = None,
         val_recon_batches: int = 2,
         grid_size: int = 16,
         seed: int = 0,
@@ -418,6 +417,7 @@ class V2FlowModule(TokenizerEvalModule):
             raise ValueError(f"statistics_images must be 0 (none) or >= 2, got {statistics_images}")
         if temperature_end is not None and temperature_end <= 0:
             raise ValueError(f"temperature_end must be > 0, got {temperature_end}")
+        tokenizer.decode_defaults.resolve(**(val_decode or {}))  # unknown names and bad values fail here
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         # the frozen parts must be in place before callbacks (EMA) copy the module, which Lightning does before
@@ -510,9 +510,7 @@ class V2FlowModule(TokenizerEvalModule):
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         recon = self.tokenizer.decode(
             ids.ids,
-            num_steps=self.hparams.val_num_steps,
-            solver=self.hparams.val_solver,
-            num_iters=self.hparams.val_num_iters,
+            **(self.hparams.val_decode or {}),
             generator=generator,
         ).images
         # from a latent cache the reference is the autoencoder's decoding of the cached latents (the pixels the

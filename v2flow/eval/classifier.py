@@ -4,6 +4,7 @@ Frechet distances on MNIST (no Inception weights exist offline, and Inception fe
 
 * :class:`DigitClassifier`: the network (``features`` gives the penultimate layer), saved as
   ``config.json`` + ``model.safetensors``.
+* :class:`PretrainedClassifier`: a saved classifier as the judge that the LM fine-tune receives from its config.
 * :class:`ClassifierModule`: its Lightning training (``v2flow classifier fit --config
   configs/classifier_mnist.yaml``), with random-translation augmentation and accuracy from torchmetrics.
 """
@@ -21,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .training import DisplayCallbacks, warmup_cosine
-from .utils import replace_dir
+from ..training import DisplayCallbacks, warmup_cosine
+from ..utils import replace_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -139,6 +140,39 @@ class DigitClassifier(nn.Module):
         model = cls(**config)
         model.load_state_dict(load_file(path / WEIGHTS_NAME, device=str(map_location)))
         return model.eval()
+
+
+class PretrainedClassifier:
+    """A saved :class:`DigitClassifier` as the judge of generated digits, read at its first use.
+
+    The LM fine-tune (:class:`~v2flow.lm_training.ImageLMModule`) receives its judge as an object built from the
+    config, so the training code never reads a classifier itself::
+
+        judge:
+          class_path: v2flow.eval.classifier.PretrainedClassifier
+          init_args:
+            path: checkpoints/mnist-classifier
+
+    The constructor only checks that `path` holds a classifier's two files, so a wrong path fails when the config
+    is read rather than at the first validation; the weights are read by the first :meth:`predict`, onto the
+    images' device, frozen and in eval mode.
+
+    Args:
+        path: a :class:`DigitClassifier` directory (``config.json`` + ``model.safetensors``).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (self.path / name).is_file():
+                raise FileNotFoundError(f"{self.path / name} is missing; the judge must be a DigitClassifier directory")
+        self._model: DigitClassifier | None = None
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images in [-1, 1] -> (B,) predicted classes, on the images' device."""
+        if self._model is None:
+            self._model = DigitClassifier.from_pretrained(self.path, map_location=images.device).requires_grad_(False)
+        return self._model.to(images.device).predict(images)
 
 
 def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -42,12 +42,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .checks import check_image_range
-from .layers import draw
-from .resampler import perplexity
-from .tokenizer import DecodeOutput, ReconstructOutput
-from .training import TokenizerEvalModule, adamw_warmup_cosine
-from .utils import replace_dir
+from ..checks import check_image_range
+from ..layers import draw
+from ..resampler import perplexity
+from ..tokenizer import DecodeOutput, ReconstructOutput
+from ..training import TokenizerEvalModule, adamw_warmup_cosine
+from ..utils import replace_dir
 
 EXTRAS_NAME = "v2flow_vq.json"  # our arguments, beside diffusers' config.json + diffusion_pytorch_model.safetensors
 CODEBOOK_INITS = ("uniform", "data")
@@ -92,6 +92,58 @@ def sample_rows(rows: torch.Tensor, k: int, generator: torch.Generator | None = 
 
 
 # ---------------------------------------------------------------------------- the tokenizer
+
+
+def _check_vq_config(
+    image_size: int,
+    in_channels: int,
+    grid_size: int,
+    codebook_size: int,
+    latent_channels: int,
+    vq_embed_dim: int | None,
+    block_out_channels: list[int],
+    layers_per_block: int,
+    norm_num_groups: int,
+    commitment_beta: float,
+    codebook_init: str,
+) -> int:
+    """Raise a ValueError naming the argument for a VQ tokenizer config that cannot be built; return the
+    number of down blocks (each halves the resolution, the last keeps it)."""
+    for name, value in (
+        ("image_size", image_size),
+        ("in_channels", in_channels),
+        ("grid_size", grid_size),
+        ("latent_channels", latent_channels),
+        ("layers_per_block", layers_per_block),
+        ("norm_num_groups", norm_num_groups),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if codebook_size < 2:
+        raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
+    if vq_embed_dim is not None and vq_embed_dim < 1:
+        raise ValueError(f"vq_embed_dim must be >= 1 (or None for latent_channels), got {vq_embed_dim}")
+    factor, rest = divmod(image_size, grid_size)
+    if rest or factor & (factor - 1):
+        raise ValueError(
+            f"image_size / grid_size must be a power of two (each down block halves the resolution), got "
+            f"{image_size} / {grid_size}"
+        )
+    num_blocks = int(math.log2(factor)) + 1
+    if len(block_out_channels) != num_blocks:
+        raise ValueError(
+            f"image_size {image_size} -> grid_size {grid_size} is {factor}x downsampling: {num_blocks - 1} "
+            f"halvings need {num_blocks} down blocks (the last keeps its resolution), so block_out_channels "
+            f"needs {num_blocks} entries, got {len(block_out_channels)}: {block_out_channels}"
+        )
+    bad = [c for c in block_out_channels if c < 1 or c % norm_num_groups]
+    if bad:
+        raise ValueError(f"norm_num_groups {norm_num_groups} does not divide block_out_channels entries {bad}")
+    if not 0.0 <= commitment_beta:
+        raise ValueError(f"commitment_beta must be >= 0, got {commitment_beta}")
+    if codebook_init not in CODEBOOK_INITS:
+        raise ValueError(f"unknown codebook_init {codebook_init!r}; choose one of {CODEBOOK_INITS}")
+    return num_blocks
 
 
 class VQTokenizer(nn.Module):
@@ -142,40 +194,10 @@ class VQTokenizer(nn.Module):
         from diffusers import VQModel
 
         block_out_channels = [int(c) for c in block_out_channels]
-        for name, value in (
-            ("image_size", image_size),
-            ("in_channels", in_channels),
-            ("grid_size", grid_size),
-            ("latent_channels", latent_channels),
-            ("layers_per_block", layers_per_block),
-            ("norm_num_groups", norm_num_groups),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if codebook_size < 2:
-            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
-        if vq_embed_dim is not None and vq_embed_dim < 1:
-            raise ValueError(f"vq_embed_dim must be >= 1 (or None for latent_channels), got {vq_embed_dim}")
-        factor, rest = divmod(image_size, grid_size)
-        if rest or factor & (factor - 1):
-            raise ValueError(
-                f"image_size / grid_size must be a power of two (each down block halves the resolution), got "
-                f"{image_size} / {grid_size}"
-            )
-        num_blocks = int(math.log2(factor)) + 1
-        if len(block_out_channels) != num_blocks:
-            raise ValueError(
-                f"image_size {image_size} -> grid_size {grid_size} is {factor}x downsampling: {num_blocks - 1} "
-                f"halvings need {num_blocks} down blocks (the last keeps its resolution), so block_out_channels "
-                f"needs {num_blocks} entries, got {len(block_out_channels)}: {block_out_channels}"
-            )
-        bad = [c for c in block_out_channels if c < 1 or c % norm_num_groups]
-        if bad:
-            raise ValueError(f"norm_num_groups {norm_num_groups} does not divide block_out_channels entries {bad}")
-        if not 0.0 <= commitment_beta:
-            raise ValueError(f"commitment_beta must be >= 0, got {commitment_beta}")
-        if codebook_init not in CODEBOOK_INITS:
-            raise ValueError(f"unknown codebook_init {codebook_init!r}; choose one of {CODEBOOK_INITS}")
+        num_blocks = _check_vq_config(
+            image_size, in_channels, grid_size, codebook_size, latent_channels, vq_embed_dim, block_out_channels,
+            layers_per_block, norm_num_groups, commitment_beta, codebook_init,
+        )  # fmt: skip
         self.config = {
             "image_size": image_size,
             "in_channels": in_channels,
