@@ -6,7 +6,8 @@ optimiser steps and equal batch size, on MNIST and on 64x64 crops of the scikit-
 
 Per data set there are two operating points, 16 and 64 tokens per image, both at 12 bits per token (a
 4,096-entry vocabulary subset for v2flow, a 4,096-entry codebook for the VQ model, whose 4x4 and 8x8 latent
-grids give the 16 and 64 tokens). Each model is trained from its config (``configs/{mnist,photos}_{16,64}.yaml``
+grids give the 16 and 64 tokens). Each model is trained from its config (``configs/mnist.yaml`` with the
+override ``configs/mnist_{16,64}.yaml``, ``configs/photos_{16,64}.yaml``
 and ``configs/vq_{mnist,photos}_{16,64}.yaml``) through the project's Lightning CLI
 (:func:`v2flow.cli.lightning_cli`), with ``--trainer.max_steps``, ``--data.init_args.batch_size`` and
 ``--trainer.accelerator`` overridden, so a pair differs only in the model; the EMA weights are exported to
@@ -99,8 +100,14 @@ class StepTimer(L.Callback):
         return self.images / self.seconds if self.seconds > 0 else None
 
 
-def config_path(dataset: str, kind: str, tokens: int) -> Path:
-    return ROOT / "configs" / (f"{dataset}_{tokens}.yaml" if kind == "v2flow" else f"vq_{dataset}_{tokens}.yaml")
+def config_paths(dataset: str, kind: str, tokens: int) -> list[Path]:
+    """The configs of one model, in the order the Lightning CLI merges them (an override after its base)."""
+    configs = ROOT / "configs"
+    if kind == "vq":
+        return [configs / f"vq_{dataset}_{tokens}.yaml"]
+    if dataset == "mnist":  # a small override of configs/mnist.yaml
+        return [configs / "mnist.yaml", configs / f"mnist_{tokens}.yaml"]
+    return [configs / f"{dataset}_{tokens}.yaml"]
 
 
 def load_export(kind: str, path: Path):
@@ -130,10 +137,9 @@ def train(dataset: str, kind: str, tokens: int, a: argparse.Namespace) -> tuple[
             )
         print(f"[{name}] reusing {export}", flush=True)
         return load_export(kind, export), stats
-    config = config_path(dataset, kind, tokens)
+    config = config_paths(dataset, kind, tokens)
     args = [
-        "--config",
-        str(config),
+        *(arg for path in config for arg in ("--config", str(path))),
         f"--trainer.max_steps={a.max_steps}",
         f"--trainer.accelerator={a.accelerator}",
         f"--data.init_args.batch_size={a.batch_size}",
@@ -144,7 +150,8 @@ def train(dataset: str, kind: str, tokens: int, a: argparse.Namespace) -> tuple[
     ]
     if a.precision:
         args.append(f"--trainer.precision={a.precision}")
-    print(f"[{name}] training {config.relative_to(ROOT)} for {a.max_steps} steps at batch {a.batch_size}", flush=True)
+    config_text = " + ".join(str(c.relative_to(ROOT)) for c in config)
+    print(f"[{name}] training {config_text} for {a.max_steps} steps at batch {a.batch_size}", flush=True)
     with warnings.catch_warnings():  # "args given and sys.argv too": the script's own flags are in sys.argv
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = lightning_cli(args, run=False, task="tokenizer" if kind == "v2flow" else "vq")
@@ -158,7 +165,7 @@ def train(dataset: str, kind: str, tokens: int, a: argparse.Namespace) -> tuple[
     tokenizer = cli.model.tokenizer  # the EMA callback copies the averaged weights in when training ends
     tokenizer.cpu().save_pretrained(export)
     stats = {
-        "config": str(config.relative_to(ROOT)),
+        "config": config_text,
         "max_steps": a.max_steps,
         "batch_size": a.batch_size,
         "accelerator": a.accelerator,
