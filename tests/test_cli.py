@@ -6,33 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from v2flow import V2FlowTokenizer
 from v2flow.cli import lightning_cli, main
 
 QUICK = "configs/quickstart.yaml"
-
-
-@pytest.fixture
-def tiny_run(tmp_path):
-    """CLI overrides that make quickstart tiny: a random 64x576 vocabulary table and a few MNIST digits."""
-    table = tmp_path / "table.safetensors"
-    save_file({"embeddings": torch.randn(200, 576, generator=torch.Generator().manual_seed(0))}, table)
-    return [
-        "--config",
-        QUICK,
-        f"--model.tokenizer.init_args.vocab_source={table}",
-        "--model.tokenizer.init_args.num_entries=64",
-        "--model.tokenizer.init_args.num_tokens=4",
-        "--data.init_args.train_limit=64",
-        "--data.init_args.val_limit=16",
-        "--data.init_args.batch_size=8",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        "--trainer.val_check_interval=2",
-        "--trainer.enable_progress_bar=false",
-    ]
 
 
 def test_quickstart_fast_dev_run(tmp_path):

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import make_tokenizer, tiny_run_args
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from v2flow.training import EMA, V2FlowModule, tokenizer_from_checkpoint
@@ -86,26 +86,9 @@ def test_checkpoint_errors(tmp_path):
 
 
 def tiny_fit_args(tmp_path) -> list[str]:
-    """configs/quickstart.yaml made tiny: a random 64-entry vocabulary, 4 tokens, 64 digits, 3 steps."""
-    from safetensors.torch import save_file
-
-    table = tmp_path / "table.safetensors"
-    save_file({"embeddings": torch.randn(200, 576, generator=torch.Generator().manual_seed(0))}, table)
-    return [
-        "fit",
-        "--config",
-        "configs/quickstart.yaml",
-        f"--model.tokenizer.init_args.vocab_source={table}",
-        "--model.tokenizer.init_args.num_entries=64",
-        "--model.tokenizer.init_args.num_tokens=4",
-        "--data.init_args.train_limit=64",
-        "--data.init_args.val_limit=16",
-        "--data.init_args.batch_size=8",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        "--trainer.val_check_interval=2",
-        "--trainer.max_steps=3",
-    ]
+    """The tiny quickstart run of ``conftest.tiny_run_args`` for 3 steps, with the progress bar on."""
+    args = [a for a in tiny_run_args(tmp_path) if a != "--trainer.enable_progress_bar=false"]
+    return ["fit", *args, "--trainer.max_steps=3"]
 
 
 def test_a_short_fit_shows_sensible_progress_and_summary_and_leaves_last_ckpt(tmp_path, capsys, monkeypatch):
