@@ -42,11 +42,11 @@ def warmup_cosine(
 def adamw_warmup_cosine(trainer: L.Trainer, decay: list, no_decay: list, hparams: Any) -> dict[str, Any]:
     """``configure_optimizers`` output: AdamW over two parameter groups (weight decay on `decay` only) and the
     :func:`warmup_cosine` schedule over the run, stepped per optimiser step. `hparams` carries ``lr``,
-    ``weight_decay``, ``betas``, ``warmup_steps`` and ``min_lr_ratio``."""
+    ``weight_decay``, ``warmup_steps``, ``min_lr_ratio`` and optionally ``betas`` (default AdamW's)."""
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=hparams.lr,
-        betas=tuple(hparams.betas),
+        betas=tuple(getattr(hparams, "betas", (0.9, 0.999))),
     )
     total = max(int(trainer.estimated_stepping_batches), 1)
     scheduler = warmup_cosine(optimizer, hparams.warmup_steps, total, hparams.min_lr_ratio)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..training import DisplayCallbacks, warmup_cosine
+from ..training import DisplayCallbacks, adamw_warmup_cosine
 from ..utils import replace_dir
 
 CONFIG_NAME = "config.json"
@@ -237,12 +237,7 @@ class ClassifierModule(DisplayCallbacks):
         self._eval_step(batch, "test")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.classifier.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self.trainer, list(self.classifier.parameters()), [], self.hparams)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["v2flow_classifier_config"] = dict(self.classifier.config)
