@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +42,11 @@ from einops import rearrange
 from torch import nn
 
 from ..checks import check_image_range
+from ..hub import staged_directory
 from ..layers import draw
 from ..resampler import perplexity
 from ..tokenizer import DecodeOutput, ReconstructOutput
 from ..training import TokenizerEvalModule, adamw_warmup_cosine
-from ..utils import replace_dir
 
 EXTRAS_NAME = "v2flow_vq.json"  # our arguments, beside diffusers' config.json + diffusion_pytorch_model.safetensors
 CODEBOOK_INITS = ("uniform", "data")
@@ -352,15 +351,13 @@ class VQTokenizer(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write diffusers' ``config.json`` + ``diffusion_pytorch_model.safetensors`` and ``v2flow_vq.json`` to
-        `path`, atomically (a temporary sibling directory replaces `path` only once complete)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.vq.save_pretrained(tmp, safe_serialization=True)
-        (tmp / EXTRAS_NAME).write_text(json.dumps({"_class_name": type(self).__name__, **self.config}, indent=2) + "\n")
-        return replace_dir(tmp, path)
+        `path`, atomically (:func:`v2flow.hub.staged_directory`: an existing VQ directory is replaced once the
+        new one is complete; a directory of other files is refused)."""
+        with staged_directory(path, marker=EXTRAS_NAME) as staged:
+            self.vq.save_pretrained(staged, safe_serialization=True)
+            extras = {"_class_name": type(self).__name__, **self.config}
+            (staged / EXTRAS_NAME).write_text(json.dumps(extras, indent=2) + "\n")
+        return Path(path)
 
     @classmethod
     def from_config(cls, config: dict) -> VQTokenizer:

@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..hub import CONFIG_NAME, WEIGHTS_NAME, save_weights, staged_directory
 from ..training import DisplayCallbacks, adamw_warmup_cosine
-from ..utils import replace_dir
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-
 
 # ---------------------------------------------------------------------------- the network
 
@@ -114,19 +109,12 @@ class DigitClassifier(nn.Module):
     # ------------------------------------------------------------------ saving
 
     def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` into `path`, atomically."""
-        path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            if not overwrite:
-                raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose another path")
-            if set(p.name for p in path.iterdir()) - {CONFIG_NAME, WEIGHTS_NAME}:
-                raise FileExistsError(f"{path} holds files other than a DigitClassifier's; refusing to replace it")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / CONFIG_NAME).write_text(json.dumps({"class": "DigitClassifier", **self.config}, indent=1) + "\n")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp / WEIGHTS_NAME)
-        return replace_dir(tmp, path)
+        """Write ``config.json`` + ``model.safetensors`` into `path`, atomically (:func:`v2flow.hub.staged_directory`;
+        an existing classifier directory is replaced only with `overwrite`)."""
+        with staged_directory(path, marker=CONFIG_NAME, overwrite=overwrite) as staged:
+            (staged / CONFIG_NAME).write_text(json.dumps({"class": "DigitClassifier", **self.config}, indent=1) + "\n")
+            save_weights(self.state_dict(), staged / WEIGHTS_NAME)
+        return Path(path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DigitClassifier:
