@@ -22,8 +22,9 @@ _MODE_KEYS = (
     ("vocab_selection", lambda c: c["quantizer"] == "vocab", "quantizer='vocab'"),
     ("prefix_sampling", lambda c: c["truncation_prob"] > 0, "truncation_prob > 0"),
     ("truncation_tail", lambda c: c["truncation_prob"] > 0, "truncation_prob > 0"),
-    ("time_mean", lambda c: c["time_sampling"] == "logit_normal", "time_sampling='logit_normal'"),
-    ("time_std", lambda c: c["time_sampling"] == "logit_normal", "time_sampling='logit_normal'"),
+    ("time_mean", lambda c: c["time_sampling"] != "uniform", "time_sampling='logit_normal' or 'mixture'"),
+    ("time_std", lambda c: c["time_sampling"] != "uniform", "time_sampling='logit_normal' or 'mixture'"),
+    ("time_uniform_share", lambda c: c["time_sampling"] == "mixture", "time_sampling='mixture'"),
 )
 
 

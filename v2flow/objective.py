@@ -15,7 +15,7 @@ from einops import repeat
 
 from .layers import draw
 from .ordering import PREFIX_SAMPLING, TRUNCATION_TAILS, sample_prefix_lengths
-from .velocity import TIME_SAMPLING, flow_matching_loss, sample_time, time_cdf, time_quantile
+from .velocity import TIME_SAMPLING, flow_matching_losses, sample_time, time_cdf, time_quantile
 
 if TYPE_CHECKING:
     from .tokenizer import V2FlowTokenizer
@@ -39,6 +39,10 @@ def check_objective_config(config: dict) -> None:
         raise ValueError(f"mask_ratio_std must be > 0, got {config['mask_ratio_std']}")
     if config["batch_mul"] < 1:
         raise ValueError(f"batch_mul must be >= 1, got {config['batch_mul']}")
+    if not 0.0 <= config["time_uniform_share"] <= 1.0:
+        raise ValueError(f"time_uniform_share must be in [0, 1], got {config['time_uniform_share']}")
+    if config["x0_loss_weight"] < 0:
+        raise ValueError(f"x0_loss_weight must be >= 0, got {config['x0_loss_weight']}")
     if config["time_sampling"] not in TIME_SAMPLING:
         raise ValueError(f"unknown time_sampling {config['time_sampling']!r}; choose one of {TIME_SAMPLING}")
     if not 0.0 <= config["truncation_prob"] <= 1.0:
@@ -99,7 +103,7 @@ def tokenizer_loss(
         out.embeddings, patches, mask, drop if tok.training else None, token_mask=visible, token_keep=token_keep
     )  # (B, L, D)
     times = loss_times(tok, t, mask, generator, lengths)
-    parts = {"flow": flow_loss(tok, patches[mask], cond[mask], generator, times)}
+    parts = flow_loss(tok, patches[mask], cond[mask], generator, times)  # "flow" (and "x0")
     if tok.patch_predictor is not None:
         counted = (mask & ~drop[:, None]) if tok.training else mask  # (B, L): masked patches with their tokens
         # a masked mean, not mse_loss on a selection: a batch whose every sample dropped its tokens gives 0, not NaN
@@ -119,7 +123,13 @@ def ordered_times(tok: V2FlowTokenizer, batch_size: int, device, generator: torc
 
 
 def _time_distribution(cfg: dict) -> dict:
-    return dict(method=cfg["time_sampling"], mean=cfg["time_mean"], std=cfg["time_std"], shift=cfg["time_shift"])
+    return dict(
+        method=cfg["time_sampling"],
+        mean=cfg["time_mean"],
+        std=cfg["time_std"],
+        shift=cfg["time_shift"],
+        uniform_share=cfg["time_uniform_share"],
+    )
 
 
 def loss_times(
@@ -186,10 +196,11 @@ def flow_loss(
     cond: torch.Tensor,
     generator: torch.Generator | None,
     t: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The flow-matching loss of the velocity head on patches x0 (M, P) under conditions (M, D)."""
+) -> dict[str, torch.Tensor]:
+    """The flow-matching terms of the velocity network on patches x0 (M, P) under conditions (M, D): ``"flow"``
+    and, with ``x0_loss_weight`` > 0, ``"x0"`` (:func:`v2flow.velocity.flow_matching_losses`)."""
     cfg = tok.config
-    return flow_matching_loss(
+    return flow_matching_losses(
         tok.head,
         x0,
         cond,
@@ -198,6 +209,8 @@ def flow_loss(
         time_mean=cfg["time_mean"],
         time_std=cfg["time_std"],
         time_shift=cfg["time_shift"],
+        time_uniform_share=cfg["time_uniform_share"],
+        x0_weight=cfg["x0_loss_weight"],
         t=t,
         generator=generator,
     )
@@ -222,7 +235,7 @@ def token_usefulness(
             t, visible = ordered_times(tok, b, device, generator)
             cond = tok.decoder(tok.resampler.embed(idx), patches, mask, token_mask=visible)
             t = loss_times(tok, t, mask, generator)
-            result[f"flow_loss_{name}"] = float(flow_loss(tok, patches[mask], cond[mask], generator, t))
+            result[f"flow_loss_{name}"] = float(flow_loss(tok, patches[mask], cond[mask], generator, t)["flow"])
     finally:
         tok.train(was_training)
     result["shuffle_gap"] = result["flow_loss_shuffled"] / max(result["flow_loss_true"], 1e-12) - 1.0

@@ -94,7 +94,10 @@ class V2FlowTokenizer(nn.Module):
             alone), or ``"transformer"``, DiT blocks over all patches of an image (:mod:`v2flow.velocity_transformer`;
             ``decoder_heads`` heads; trains with every patch masked and decodes in one mask iteration).
         batch_mul: noise draws per masked patch in the flow loss.
-        time_sampling, time_mean, time_std, time_shift: training time distribution (see ``sample_time``).
+        time_sampling, time_mean, time_std, time_shift, time_uniform_share: training time distribution (see
+            :func:`v2flow.velocity.sample_time`; ``"mixture"`` draws a ``time_uniform_share`` of uniform times).
+        x0_loss_weight: weight of a loss on the velocity network's one-step estimate of the clean patches,
+            ``x_t - t v`` (what ``mode="mean"`` decodes); 0 trains the flow loss alone.
         aux_weight: weight of the auxiliary loss that makes each patch condition predict its patch.
         token_order: ``"unordered"`` or ``"ordered"`` (Selftok: token positions bound to noise levels, token 0
             the coarsest; at noise level t the decoder sees only the tokens in play at t, see
@@ -178,6 +181,8 @@ class V2FlowTokenizer(nn.Module):
         decode: dict | None = None,
         input_statistics: dict | None = None,
         velocity_decoder: str = "mlp",
+        time_uniform_share: float = 0.1,
+        x0_loss_weight: float = 0.0,
     ) -> None:
         keys = set(self.config_keys())
         config = {k: v for k, v in locals().items() if k in keys}
