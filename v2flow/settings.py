@@ -1,4 +1,4 @@
-"""Decode settings: one type for the six choices that shape a decode, validated in one place.
+"""Decode settings: one type for the seven choices that shape a decode, validated in one place.
 
 The names are the same everywhere: ``decode(num_steps=...)``, a tokenizer config's ``decode: {num_steps: ...}``
 (its defaults), ``v2flow decode --num-steps``, ``v2flow export --set num_steps=...``, the training module's
@@ -62,8 +62,8 @@ class DecodeSettings:
         temperature: scale of the starting noise, >= 0 (0 is deterministic).
         mode: ``"sample"``, the flow sample (integrate the ODE to t = 0: realism, FD), or ``"mean"``, the
             deterministic fidelity decode: the velocity network's one-step estimate of the clean image,
-            ``x_t - t v``, where every token is in play (t = 1 for unordered tokens, from zero noise; below
-            the last token's entry level for ordered ones). It estimates the mean of the images the tokens
+            ``x_t - t v``, where every token is in play (at t = 1, from the starting noise, for unordered
+            tokens; at the last token's entry level for ordered ones); deterministic at temperature 0. It estimates the mean of the images the tokens
             allow, which PSNR and SSIM reward.
     """
 
