@@ -403,7 +403,7 @@ class V2FlowTokenizer(nn.Module):
         if images is not None and statistics is not None:
             message = distribution_warning(images, statistics)
             if message is not None:
-                warnings.warn(message, stacklevel=2)
+                warnings.warn(message, stacklevel=3)  # past torch.no_grad's wrapper, at the caller
         was_training = self.training
         self.eval()
         try:
