@@ -75,7 +75,13 @@ def train(variants: list[tuple], a: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
-    p.add_argument("--config", type=Path, default=ROOT / "configs" / "mnist_ordered.yaml")
+    p.add_argument(
+        "--config",
+        type=Path,
+        nargs="+",
+        default=[ROOT / "configs" / "mnist.yaml", ROOT / "configs" / "mnist_ordered.yaml"],
+        help="the configs in merge order (default: configs/mnist.yaml, then its override configs/mnist_ordered.yaml)",
+    )
     p.add_argument("--unordered", default=str(ROOT / "checkpoints" / "mnist-smollm2-32"))
     p.add_argument("--vocab-source", default="smollm2")
     p.add_argument("--accelerator", default="auto")

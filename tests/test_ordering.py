@@ -524,6 +524,7 @@ def test_ordered_config_fits_with_fast_dev_run(tmp_path):
     cli = lightning_cli(
         [
             "fit",
+            "--config=configs/mnist.yaml",
             "--config=configs/mnist_ordered.yaml",
             f"--model.tokenizer.init_args.vocab_source={table}",
             "--model.tokenizer.init_args.num_entries=64",

@@ -47,14 +47,18 @@ def test_sweep_variants_parse_and_override_only_the_ordering_keys():
         with pytest.raises(ValueError, match=message):
             ordered_sweep.parse_variant(bad)
     args = dict(
-        config="configs/mnist_ordered.yaml", accelerator="cpu", runs_dir="runs/x", vocab_source="smollm2", max_steps=0
+        config=["configs/mnist.yaml", "configs/mnist_ordered.yaml"],
+        accelerator="cpu",
+        runs_dir="runs/x",
+        vocab_source="smollm2",
+        max_steps=0,
     )
     command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D=8,4,2,1,1:0.3:pow2"), **args)
-    overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[6::2], command[7::2], strict=False)}
+    overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[8::2], command[9::2], strict=False)}
     assert overrides["order_stages"] == "[8.0, 4.0, 2.0, 1.0, 1.0]" and overrides["truncation_prob"] == "0.3"
     assert overrides["prefix_sampling"] == "pow2" and "--trainer.max_steps" not in command
     command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D2=8,4:0.3:pow2:interval_times=true"), **args)
-    overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[6::2], command[7::2], strict=False)}
+    overrides = {k.rsplit(".", 1)[-1]: v for k, v in zip(command[8::2], command[9::2], strict=False)}
     assert overrides["interval_times"] == "true" and "--seed_everything" not in command
     command = ordered_sweep.fit_command(ordered_sweep.parse_variant("D_seed3=8,4:0.3:pow2"), **args, seed=3)
     assert command[-2:] == ["--seed_everything", "3"]

@@ -1,4 +1,4 @@
-"""Helpers of the ordered-mode settings sweep: variants of ``configs/mnist_ordered.yaml``, their ``v2flow fit``
+"""Helpers of the ordered-mode settings sweep: variants of ``configs/mnist_ordered.yaml`` (an override of ``configs/mnist.yaml``), their ``v2flow fit``
 commands, and their prefix scores averaged over seeds.
 
 A variant is ``NAME=STAGES:TRUNCATION_PROB:PREFIX_SAMPLING[:KEY=VALUE,...]`` (e.g. ``B=8,4,2,1,1:0.5:uniform``
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ def run_name(name: str, seed: int | None, seeds: list[int | None]) -> str:
 
 def fit_command(
     variant: Variant,
-    config: str | Path,
+    config: str | Path | Sequence[str | Path],
     runs_dir: str | Path,
     accelerator: str = "auto",
     vocab_source: str = "smollm2",
@@ -65,7 +66,8 @@ def fit_command(
 
     Args:
         variant: the variant; its name is the run's name under `runs_dir`.
-        config: the Lightning CLI config the variant changes.
+        config: the Lightning CLI config the variant changes, or its configs in merge order (a base, then
+            overrides such as ``configs/mnist.yaml``, ``configs/mnist_ordered.yaml``).
         runs_dir: the logger's directory.
         accelerator: the Trainer's accelerator.
         vocab_source: the tokenizer's ``vocab_source``.
@@ -73,9 +75,11 @@ def fit_command(
         seed: ``seed_everything`` (None keeps the config's).
     """
     name, stages, prob, sampling, extra = variant
+    configs = [config] if isinstance(config, (str, Path)) else list(config)
     init = "--model.tokenizer.init_args."
     return [
-        *(sys.executable, "-m", "v2flow.cli", "fit", "--config", str(config)),
+        *(sys.executable, "-m", "v2flow.cli", "fit"),
+        *(arg for c in configs for arg in ("--config", str(c))),
         *("--trainer.accelerator", accelerator, "--trainer.enable_progress_bar", "false"),
         *("--trainer.logger.init_args.save_dir", str(runs_dir), "--trainer.logger.init_args.name", name),
         *(f"{init}order_stages", json.dumps(stages), f"{init}truncation_prob", str(prob)),
