@@ -6,9 +6,9 @@ optimiser steps and equal batch size, on MNIST and on 64x64 crops of the scikit-
 
 Per data set there are two operating points, 16 and 64 tokens per image, both at 12 bits per token (a
 4,096-entry vocabulary subset for v2flow, a 4,096-entry codebook for the VQ model, whose 4x4 and 8x8 latent
-grids give the 16 and 64 tokens). Each model is trained from its config (``configs/mnist.yaml`` with the
-override ``configs/mnist_{16,64}.yaml``, ``configs/photos_{16,64}.yaml``
-and ``configs/vq_{mnist,photos}_{16,64}.yaml``) through the project's Lightning CLI
+grids give the 16 and 64 tokens). Each model is trained from its configs (``configs/mnist.yaml`` with the
+override ``configs/mnist_{16,64}.yaml``; ``configs/photos_16.yaml`` and ``configs/vq_{mnist,photos}_16.yaml``,
+each with its 64-token override) through the project's Lightning CLI
 (:func:`v2flow.cli.lightning_cli`), with ``--trainer.max_steps``, ``--data.init_args.batch_size`` and
 ``--trainer.accelerator`` overridden, so a pair differs only in the model; the EMA weights are exported to
 ``<runs-dir>/<name>/export`` (``--reuse`` loads an export made with the same steps and batch size instead of
@@ -103,11 +103,11 @@ class StepTimer(L.Callback):
 def config_paths(dataset: str, kind: str, tokens: int) -> list[Path]:
     """The configs of one model, in the order the Lightning CLI merges them (an override after its base)."""
     configs = ROOT / "configs"
-    if kind == "vq":
-        return [configs / f"vq_{dataset}_{tokens}.yaml"]
-    if dataset == "mnist":  # a small override of configs/mnist.yaml
+    if kind == "v2flow" and dataset == "mnist":  # small overrides of configs/mnist.yaml
         return [configs / "mnist.yaml", configs / f"mnist_{tokens}.yaml"]
-    return [configs / f"{dataset}_{tokens}.yaml"]
+    prefix = "vq_" if kind == "vq" else ""
+    base = configs / f"{prefix}{dataset}_16.yaml"  # the 64-token configs override the 16-token ones
+    return [base] if tokens == 16 else [base, configs / f"{prefix}{dataset}_{tokens}.yaml"]
 
 
 def load_export(kind: str, path: Path):
