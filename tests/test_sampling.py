@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from v2flow.sampling import masked_flow_sample, reveal_counts, solve_ode, time_grid
-from v2flow.velocity import VelocityHead, flow_matching_loss, sample_time, shift_time, time_cdf, time_quantile
+from v2flow.velocity import VelocityHead, flow_matching_losses, sample_time, shift_time, time_cdf, time_quantile
 
 A = 0.7  # dx/dt = A * x  =>  x(0) = x(1) * exp(-A)
 
@@ -149,7 +149,7 @@ def test_velocity_head_zero_init_and_loss():
     x, t, c = 2 * torch.randn(2000, 4), torch.rand(2000), torch.randn(2000, 8)
     assert torch.equal(head(x, t, c), torch.zeros(2000, 4))
     g = torch.Generator().manual_seed(0)
-    loss = flow_matching_loss(head, x, c, batch_mul=3, generator=g)
+    loss = flow_matching_losses(head, x, c, batch_mul=3, generator=g)["flow"]
     # v = 0 at init: loss = E||noise - x0||^2 = 1 + mean(x0^2) (about 5 here) up to sampling error (~1.5 %)
     assert loss.item() == pytest.approx(1 + x.pow(2).mean().item(), rel=0.05)
 
@@ -184,7 +184,9 @@ def test_flow_loss_takes_one_time_per_patch_or_per_draw():
     t = torch.rand(5, generator=torch.Generator().manual_seed(2))
 
     def loss(times):
-        return flow_matching_loss(head, x, c, batch_mul=3, t=times, generator=torch.Generator().manual_seed(0))
+        return flow_matching_losses(head, x, c, batch_mul=3, t=times, generator=torch.Generator().manual_seed(0))[
+            "flow"
+        ]
 
     assert loss(t) == loss(t.repeat(3))  # (M,) is shared by the draws of a patch, laid out draw-major
     assert loss(t) != loss(t.repeat_interleave(3))

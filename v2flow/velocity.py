@@ -153,28 +153,6 @@ class VelocityHead(nn.Module):
         return self.output(modulate(self.final_norm(h), shift, scale))
 
 
-def flow_matching_loss(
-    head: VelocityHead,
-    x0: torch.Tensor,
-    cond: torch.Tensor,
-    *,
-    batch_mul: int = 4,
-    time_sampling: str = "logit_normal",
-    time_mean: float = 0.0,
-    time_std: float = 1.0,
-    time_shift: float = 1.0,
-    time_uniform_share: float = 0.1,
-    t: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Rectified-flow loss ||v(x_t, t, c) - (noise - x0)||^2 with `batch_mul` noise draws per patch: the
-    ``"flow"`` term of :func:`flow_matching_losses`."""
-    return flow_matching_losses(
-        head, x0, cond, batch_mul=batch_mul, time_sampling=time_sampling, time_mean=time_mean, time_std=time_std,
-        time_shift=time_shift, time_uniform_share=time_uniform_share, t=t, generator=generator,
-    )["flow"]  # fmt: skip
-
-
 def flow_matching_losses(
     head: nn.Module,
     x0: torch.Tensor,
