@@ -37,7 +37,7 @@ import yaml
 from v2flow import V2FlowTokenizer
 from v2flow.data import load_mnist
 from v2flow.eval.flops import count_flops, matmul_peak, mfu, register_cpu_attention_flops
-from v2flow.eval.report import atomic_write_text, replace_section
+from v2flow.eval.report import replace_section
 from v2flow.eval.speed import (
     DTYPES,
     Env,
@@ -49,6 +49,7 @@ from v2flow.eval.speed import (
     timings,
     train_step_fn,
 )
+from v2flow.hub import write_text_atomic
 from v2flow.metrics import psnr_per_image
 
 COMMANDS = ("throughput", "mfu", "quality-cost", "scaling")
@@ -585,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result, indent=1))
     print("\n" + text)
     if a.output:
-        atomic_write_text(a.output, json.dumps(result, indent=1) + "\n")
+        write_text_atomic(a.output, json.dumps(result, indent=1) + "\n")
     if a.markdown:
         key, section = markdown_section(a.command, result, text, env, Path(a.markdown))
         replace_section(a.markdown, key, section)

@@ -60,18 +60,19 @@ def check_types(constructor: Callable, values: dict) -> None:
         raise ValueError(f"config values of the wrong type: {'; '.join(wrong)}")
 
 
-def check_image_range(images: torch.Tensor, what: str = "images") -> None:
-    """Raise a ValueError unless `images` are finite and in [-1, 1] (give or take ``RANGE_TOLERANCE``)."""
-    if not torch.isfinite(images).all():
-        raise ValueError(f"{what} contain NaN or inf values; replace or drop those images first")
-    lo, hi = float(images.min()), float(images.max())
+IMAGE_RANGE_HINT = "map [0, 1] images with x * 2 - 1 and [0, 255] images with x / 127.5 - 1"
+
+
+def check_image_range(images: torch.Tensor, what: str = "images", hint: str = IMAGE_RANGE_HINT) -> None:
+    """Raise a ValueError unless `images` are finite and in [-1, 1] (give or take ``RANGE_TOLERANCE``); `hint`
+    says what to do. One device-to-host sync (NaN and inf show in the extremes)."""
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{what} must be finite but contain NaN or inf values; replace or drop those images first")
     if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
         # round outward, so the printed interval contains the values (never "[-1, 0.993]" for a max of 0.9931)
         shown_lo, shown_hi = math.floor(lo * 1e4) / 1e4, math.ceil(hi * 1e4) / 1e4
-        raise ValueError(
-            f"{what} must be in [-1, 1], got values in [{shown_lo:g}, {shown_hi:g}]; "
-            "map [0, 1] images with x * 2 - 1 and [0, 255] images with x / 127.5 - 1"
-        )
+        raise ValueError(f"{what} must be in [-1, 1], got values in [{shown_lo:g}, {shown_hi:g}]; {hint}")
 
 
 # ---------------------------------------------------------------------------- training-data statistics

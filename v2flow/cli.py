@@ -575,12 +575,10 @@ def _evaluate(a: argparse.Namespace) -> int:
 
 
 def _calibrate(a: argparse.Namespace) -> int:
-    import os
-
     import torch
 
     from .checks import image_features, input_statistics
-    from .hub import CONFIG_NAME, read_json
+    from .hub import CONFIG_NAME, read_json, write_text_atomic
     from .images import image_files
     from .tokenizer import V2FlowTokenizer
 
@@ -605,9 +603,7 @@ def _calibrate(a: argparse.Namespace) -> int:
     config = {**read_json(path), "input_statistics": statistics}
     # validated before anything is written, and stored in the current format (the decode defaults by name)
     config = {"_class_name": "V2FlowTokenizer", **V2FlowTokenizer.from_config(config).config}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(path)  # atomic: the weights and other files are not touched
+    write_text_atomic(path, json.dumps(config, indent=2) + "\n")  # only config.json: the weights are not touched
     print(json.dumps({"tokenizer": a.tokenizer, "input_statistics": statistics}))
     return 0
 

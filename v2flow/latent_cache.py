@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .first_stage import AutoencoderFirstStage, autoencoder_downsample, load_autoencoder
+from .hub import write_text_atomic
 from .images import ImageFileDataset, list_images
 from .utils import follow_umask, releasing_heap
 
@@ -37,9 +38,7 @@ CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def _files_digest(files: list[str]) -> str:

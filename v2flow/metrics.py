@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure, StructuralSimilarityIndexMeasure
 
-from .checks import RANGE_TOLERANCE
+from .checks import check_image_range
 
 DATA_RANGE = 2.0  # images live in [-1, 1]: PSNR's data range
 STANDARD_MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest scale first
@@ -440,12 +440,8 @@ class ReconstructionMetrics:
         if len(target) == 0:
             raise ValueError("an empty batch (B = 0) has nothing to measure")
         for name, x in (("preds", preds), ("target", target)):
-            lo, hi = torch.aminmax(x.detach())
-            if not (torch.isfinite(lo) and torch.isfinite(hi)) or lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-                raise ValueError(
-                    f"{name} span [{float(lo):.4g}, {float(hi):.4g}]; metrics need finite images in [-1, 1] "
-                    "(clamp decoder outputs to [-1, 1], as an 8-bit image file would)"
-                )
+            hint = "metrics need them there: clamp decoder outputs to [-1, 1], as an 8-bit image file would"
+            check_image_range(x, what=name, hint=hint)
         if self.image_shape is not None and tuple(target.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"images are {tuple(target.shape[1:])} but earlier batches were {self.image_shape}; "

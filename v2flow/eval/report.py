@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..hub import write_text_atomic
+
 
 def device_name(device: str | torch.device) -> str:
     """The machine a measurement ran on, in words: the GPU's name, or the CPU's cores and torch threads."""
@@ -19,15 +21,6 @@ def device_name(device: str | torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({os.cpu_count()} cores, {platform.machine()}, {torch.get_num_threads()} torch threads)"
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def replace_section(path: str | Path, key: str, section: str) -> Path:
@@ -41,7 +34,7 @@ def replace_section(path: str | Path, key: str, section: str) -> Path:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-    return atomic_write_text(path, text)
+    return write_text_atomic(path, text)
 
 
 def merge_json(path: str | Path, key: str, entry: Any) -> Path:
@@ -49,4 +42,4 @@ def merge_json(path: str | Path, key: str, entry: Any) -> Path:
     path = Path(path)
     data = json.loads(path.read_text()) if path.exists() else {}
     data[key] = entry
-    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
